@@ -1,0 +1,149 @@
+"""Face-verification metrics and the 10-fold LFW protocol.
+
+Conventions used by every function:
+- ``scores``: 1-D floats, HIGHER = more likely the same person (callers negate distances).
+- ``labels``: 1-D int/bool, 1 = same person (the "positive" class), 0 = different.
+- The decision rule is ``score >= threshold`` => same.
+All returned values are plain Python floats/ints/lists so reports can be dumped to JSON.
+"""
+import numpy as np
+from sklearn.metrics import (accuracy_score, precision_recall_fscore_support, roc_auc_score,
+                             roc_curve)
+
+
+def _as_arrays(scores, labels):
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(np.int64)  # bool -> 0/1 so pos_label=1 works
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in length")
+    return scores, labels
+
+
+def best_threshold(scores, labels):
+    """Threshold maximising the accuracy of ``score >= t`` on these pairs.
+
+    Candidates are the midpoints between consecutive distinct scores plus one value below the
+    minimum and one above the maximum, so a threshold never sits on a training score and the
+    rule is unambiguous on unseen data. Ties: among equally accurate candidates, take the first
+    (lowest) run of consecutive ones and return its middle candidate (the lower of the two
+    middles for an even run), so the cut keeps a margin from the scores on both sides.
+    O(n log n): one sort, then cumulative sums.
+    """
+    scores, labels = _as_arrays(scores, labels)
+    values, inverse = np.unique(scores, return_inverse=True)  # sorted distinct scores
+    pos = np.bincount(inverse, weights=labels, minlength=len(values))
+    neg = np.bincount(inverse, weights=1 - labels, minlength=len(values))
+    # Candidate j predicts "same" for values[j:], so it gets right the positives at or above
+    # values[j] and the negatives below; j = len(values) means "everything different".
+    pos_below = np.concatenate([[0.0], np.cumsum(pos)])
+    neg_below = np.concatenate([[0.0], np.cumsum(neg)])
+    correct = (pos.sum() - pos_below) + neg_below
+    candidates = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2,
+                                 [values[-1] + 1.0]])
+    best = np.flatnonzero(correct == correct.max())
+    # End of the first run of consecutive best indices.
+    gaps = np.flatnonzero(np.diff(best) > 1)
+    last = best[gaps[0]] if len(gaps) else best[-1]
+    return float(candidates[(best[0] + last) // 2])
+
+
+def threshold_metrics(scores, labels, threshold):
+    """Accuracy and precision/recall/F1 of the "same" class (label 1) at a fixed threshold."""
+    scores, labels = _as_arrays(scores, labels)
+    predicted = (scores >= threshold).astype(np.int64)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predicted, average="binary", pos_label=1, zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, predicted)), "precision": float(precision),
+            "recall": float(recall), "f1": float(f1), "threshold": float(threshold)}
+
+
+def roc_auc(scores, labels):
+    scores, labels = _as_arrays(scores, labels)
+    return float(roc_auc_score(labels, scores))
+
+
+def eer(scores, labels):
+    """Equal error rate: where the false-accept rate equals the false-reject rate.
+
+    The ROC is piecewise linear between sklearn's points, so we interpolate linearly on the
+    segment where FNR - FPR changes sign.
+    """
+    scores, labels = _as_arrays(scores, labels)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    gap = (1 - tpr) - fpr  # starts at 1 (threshold +inf), ends at -1; never increases
+    i = int(np.argmax(gap <= 0))
+    if gap[i] == 0:
+        return float(fpr[i])
+    s = gap[i - 1] / (gap[i - 1] - gap[i])  # fraction of the way along segment i-1 -> i
+    return float(fpr[i - 1] + s * (fpr[i] - fpr[i - 1]))
+
+
+def tar_at_far(scores, labels, far):
+    """True-accept rate at the operating point with the highest TAR whose FAR <= ``far``.
+
+    That is the lowest ROC threshold that still keeps FAR within the target. Conservative: no
+    interpolation towards the target, so the FAR actually achieved may be below ``far``. FAR is
+    counted in whole negatives: with 3,000 different-person pairs, far=1e-3 allows at most 3
+    false accepts, and far below 1/n_negatives allows none.
+    """
+    scores, labels = _as_arrays(scores, labels)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    # fpr is non-decreasing and starts at 0, so this index is always valid.
+    return float(tpr[np.searchsorted(fpr, far, side="right") - 1])
+
+
+def kfold_accuracy(scores, labels, folds):
+    """LFW protocol: for each fold, fit the threshold on the other folds and test on it.
+
+    ``std`` uses ddof=1 and ``stderr`` = std / sqrt(n_folds), the "mean ± standard error" the
+    LFW results page reports. ``threshold`` is the median of the per-fold thresholds: one
+    value to deploy, and the median is not dragged by one odd fold.
+    """
+    scores, labels = _as_arrays(scores, labels)
+    folds = np.asarray(folds).ravel()
+    if folds.shape != scores.shape:
+        raise ValueError("folds must give one fold id per pair")
+    accuracies, thresholds = [], []
+    for k in np.unique(folds):
+        test = folds == k
+        t = best_threshold(scores[~test], labels[~test])  # never sees fold k
+        thresholds.append(t)
+        accuracies.append(float(np.mean((scores[test] >= t) == (labels[test] == 1))))
+    n = len(accuracies)
+    std = float(np.std(accuracies, ddof=1)) if n > 1 else 0.0
+    return {"fold_accuracies": accuracies, "thresholds": thresholds,
+            "mean": float(np.mean(accuracies)), "std": std, "stderr": float(std / np.sqrt(n)),
+            "threshold": float(np.median(thresholds))}
+
+
+def balanced_folds(labels, n_folds=10):
+    """Fold ids for a single-set pairs file so every fold has the same class mix.
+
+    Pair i goes to fold (its rank within its class) * n_folds // class size, so each class is
+    cut into n_folds contiguous chunks in file order. Deterministic: no shuffling.
+    """
+    labels = np.asarray(labels).ravel().astype(np.int64)
+    folds = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        folds[idx] = np.arange(len(idx)) * n_folds // len(idx)
+    return folds
+
+
+def summary(scores, labels, folds=None, threshold=None):
+    """Everything a report needs, as JSON-serialisable Python values.
+
+    ``at_threshold`` is evaluated at ``threshold`` if given, else at the k-fold threshold.
+    """
+    scores, labels = _as_arrays(scores, labels)
+    if folds is None:
+        folds = balanced_folds(labels)
+    kfold = kfold_accuracy(scores, labels, folds)
+    if threshold is None:
+        threshold = kfold["threshold"]
+    n_same = int(labels.sum())
+    return {"n_pairs": int(len(labels)), "n_same": n_same, "n_diff": int(len(labels) - n_same),
+            "auc": roc_auc(scores, labels), "eer": eer(scores, labels),
+            "tar@far=1e-2": tar_at_far(scores, labels, 1e-2),
+            "tar@far=1e-3": tar_at_far(scores, labels, 1e-3),
+            "kfold": kfold, "at_threshold": threshold_metrics(scores, labels, threshold)}

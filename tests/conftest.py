@@ -1,0 +1,82 @@
+"""Shared fixtures: synthetic LFW-like folders (no face images are ever committed)."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import encode_jpeg
+
+torch.set_num_threads(2)
+
+LFW_DIR = os.environ.get("LFW_DIR")
+needs_lfw = pytest.mark.skipif(
+    not LFW_DIR, reason="LFW_DIR not set: real-LFW tests need the archive and protocol files, "
+                        "e.g. LFW_DIR=../shared/data/lfw (.ci/run sets it when ../shared exists)")
+
+
+def write_people(image_dir, counts, size=48, seed=0):
+    """<name>/<name>_NNNN.jpg images whose colour pattern depends on the person (a planted,
+    learnable identity signal) plus per-image noise."""
+    rng = np.random.default_rng(seed)
+    image_dir = Path(image_dir)
+    for k, (name, n) in enumerate(sorted(counts.items())):
+        base = rng.integers(30, 225, size=(3, 4, 4))
+        for i in range(1, n + 1):
+            img = np.kron(base, np.ones((size // 4, size // 4))) + rng.normal(0, 12, (3, size, size))
+            t = torch.from_numpy(img.clip(0, 255).astype(np.uint8))
+            path = image_dir / name / f"{name}_{i:04d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_jpeg(t, quality=95).numpy().tobytes())
+    return image_dir
+
+
+def write_view1_protocol(root, train_counts, test_counts, n_test_pairs=20, seed=0):
+    """peopleDevTrain.txt and pairsDevTest.txt (matched then mismatched) for synthetic people."""
+    import random
+    rng = random.Random(seed)
+    root = Path(root)
+    lines = [str(len(train_counts))] + [f"{n}\t{c}" for n, c in sorted(train_counts.items())]
+    (root / "peopleDevTrain.txt").write_text("\n".join(lines) + "\n")
+    multi = [n for n, c in sorted(test_counts.items()) if c >= 2]
+    names = sorted(test_counts)
+    matched = []
+    for _ in range(n_test_pairs):
+        n = rng.choice(multi)
+        i, j = rng.sample(range(1, test_counts[n] + 1), 2)
+        matched.append(f"{n}\t{i}\t{j}")
+    mismatched = []
+    for _ in range(n_test_pairs):
+        a, b = rng.sample(names, 2)
+        mismatched.append(f"{a}\t{rng.randint(1, test_counts[a])}\t{b}\t{rng.randint(1, test_counts[b])}")
+    (root / "pairsDevTest.txt").write_text("\n".join([str(n_test_pairs)] + matched + mismatched) + "\n")
+
+
+@pytest.fixture
+def synthetic_lfw(tmp_path):
+    """A tiny LFW: 16 training people and 8 test people, images at root/images, protocol
+    files at root. Returns the root."""
+    train = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(16)}
+    train["Single_Image"] = 1
+    test = {f"Test_Person_{k:02d}": 3 + k % 2 for k in range(8)}
+    write_people(tmp_path / "images", {**train, **test})
+    write_view1_protocol(tmp_path, train, test)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def lfw_root(tmp_path_factory):
+    """Real LFW extracted once per session by download_data.py from $LFW_DIR (an LFW *.tgz plus
+    the protocol files). Returns the root: root/images/<Name>/<Name>_NNNN.jpg, root/pairs.txt, ..."""
+    lfw_dir = os.environ.get("LFW_DIR")
+    if not lfw_dir:
+        pytest.skip("LFW_DIR not set: real-LFW tests need the archive, e.g. LFW_DIR=../shared/data/lfw")
+    archives = sorted(Path(lfw_dir).glob("*.tgz"))
+    if not archives:
+        pytest.fail(f"LFW_DIR={lfw_dir} holds no LFW *.tgz archive")
+    import download_data
+    root = tmp_path_factory.mktemp("lfw")
+    rc = download_data.main(["--archive", str(archives[0]), "--protocol-dir", lfw_dir,
+                             "--root", str(root)])
+    assert rc == 0, "download_data.py failed on $LFW_DIR; see its error above"
+    return root

@@ -1,0 +1,185 @@
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import dataset as ds
+from conftest import LFW_DIR, needs_lfw, write_people
+
+
+# ------------------------------------------------------------------ protocol parsing
+
+@needs_lfw
+def test_real_protocol_files_parse_to_official_counts():
+    d = Path(LFW_DIR)
+    pairs = ds.parse_pairs(d / "pairs.txt")
+    assert len(pairs) == 6000 and sum(p[4] for p in pairs) == 3000
+    # View 2 layout: fold k is lines k*600+1 .. k*600+600, matched first.
+    for k in range(10):
+        fold = [p for p in pairs if p[5] == k]
+        assert len(fold) == 600 and [p[4] for p in fold] == [1] * 300 + [0] * 300
+    assert pairs[0][:5] == ("Abel_Pacheco", 1, "Abel_Pacheco", 4, 1)
+    assert len(ds.parse_pairs(d / "pairsDevTrain.txt")) == 2200
+    assert len(ds.parse_pairs(d / "pairsDevTest.txt")) == 1000
+    folds = ds.parse_people(d / "people.txt")
+    assert len(folds) == 10 and sum(len(f) for f in folds) == 5749
+    assert sum(sum(f.values()) for f in folds) == 13233
+    train, = ds.parse_people(d / "peopleDevTrain.txt")
+    test, = ds.parse_people(d / "peopleDevTest.txt")
+    assert (len(train), sum(train.values()), len(test)) == (4038, 9525, 1711)
+    assert not set(train) & set(test)
+    # View 1: the DevTest pairs only use DevTest people.
+    assert ds.pair_people(ds.parse_pairs(d / "pairsDevTest.txt")) <= set(test)
+
+
+@needs_lfw
+def test_view2_folds_keep_training_people_and_test_pairs_disjoint(tmp_path):
+    d = Path(LFW_DIR)
+    folds = ds.parse_people(d / "people.txt")
+    pairs = ds.parse_pairs(d / "pairs.txt")
+    for k in range(10):
+        train = set().union(*(f for j, f in enumerate(folds) if j != k))
+        assert not train & ds.pair_people([p for p in pairs if p[5] == k])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("2\nA\t1\t2\nB\t1\t2\nC\t1\tD\t1\n", "promises 1 x 2 x 2 = 4 pairs but the file has 3"),
+    ("1\nA\t1\nB\t1\tC\t1\n", ":2: expected 'name i j'"),
+    ("1\nA\t1\t2\nB\t1\tC\n", ":3: expected 'name_a i name_b j'"),
+    ("1\nA\tx\t2\nB\t1\tC\t1\n", ":2: expected a positive whole number, got 'x'"),
+    ("1 2 3\n", ":1: header should be"),
+    ("", "empty"),
+])
+def test_malformed_pairs_file_names_file_and_line(tmp_path, text, message):
+    path = tmp_path / "pairs.txt"
+    path.write_text(text)
+    with pytest.raises(ds.ProtocolError) as e:
+        ds.parse_pairs(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+    assert "download_data.py" in str(e.value)
+
+
+def test_missing_protocol_file(tmp_path):
+    with pytest.raises(ds.ProtocolError, match="pairsDevTest.txt: missing"):
+        ds.parse_pairs(tmp_path / "pairsDevTest.txt")
+
+
+def test_people_file_parsing_and_errors(tmp_path):
+    path = tmp_path / "people.txt"
+    path.write_text("2\n2\nA\t3\nB\t1\n1\nC\t2\n")
+    assert ds.parse_people(path) == [{"A": 3, "B": 1}, {"C": 2}]
+    path.write_text("3\nA\t3\nB\t1\nC\t2\n")  # single set, as peopleDevTrain.txt
+    assert ds.parse_people(path) == [{"A": 3, "B": 1, "C": 2}]
+    path.write_text("2\n2\nA\t3\nB\n1\nC\t2\n")
+    with pytest.raises(ds.ProtocolError, match=r"people.txt:4: expected 'name n'"):
+        ds.parse_people(path)
+
+
+def test_identities_errors_for_missing_and_empty_folders(tmp_path):
+    with pytest.raises(ds.ProtocolError, match="no such folder.*download_data.py"):
+        ds.read_identities(tmp_path / "nope")
+    (tmp_path / "empty" / "Somebody").mkdir(parents=True)
+    with pytest.raises(ds.ProtocolError, match="no <person>/<image>.jpg files"):
+        ds.read_identities(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ sampling and splits
+
+def fake_people(n_people=30, seed=0):
+    rng = random.Random(seed)
+    return {f"P{i}": [Path(f"P{i}/P{i}_{j:04d}.jpg") for j in range(1, rng.randint(1, 6) + 1)]
+            for i in range(n_people)}
+
+
+def test_sampled_pairs_are_balanced_never_self_and_labelled_right():
+    people = fake_people()
+    owner = {img: n for n, imgs in people.items() for img in imgs}
+    pairs = ds.sample_pairs(people, 2000, seed=1)
+    assert len(pairs) == 2000 and sum(p[2] for p in pairs) == 1000
+    for a, b, same in pairs:
+        assert a != b  # no image paired with itself
+        assert (owner[a] == owner[b]) == bool(same)
+    singles = {n for n, imgs in people.items() if len(imgs) == 1}
+    assert not any(owner[a] in singles for a, b, same in pairs if same)
+
+
+def test_sampling_is_deterministic_per_seed_and_redrawn_per_epoch():
+    people = fake_people()
+    assert ds.sample_pairs(people, 100, seed=5) == ds.sample_pairs(people, 100, seed=5)
+    assert ds.sample_pairs(people, 100, seed=5) != ds.sample_pairs(people, 100, seed=6)
+
+
+def test_sampling_needs_a_person_with_two_images():
+    with pytest.raises(ds.ProtocolError, match="too few people"):
+        ds.sample_pairs({"A": [Path("a")], "B": [Path("b")]}, 10, seed=0)
+
+
+@pytest.mark.parametrize("split", ["view1", "random"])
+def test_splits_are_identity_disjoint(synthetic_lfw, split):
+    s = ds.make_split(synthetic_lfw / "images", synthetic_lfw, split=split, seed=3,
+                      val_fraction=0.25, val_pairs=40)
+    train = set(s["train"])
+    val = {Path(p).parent.name for a, b, _ in s["val_pairs"] for p in (a, b)}
+    test = {Path(p).parent.name for a, b, _ in s["test_pairs"] for p in (a, b)}
+    assert train and val and test
+    assert not train & val and not train & test and not val & test
+    assert set(s["val_people"]) >= val
+    again = ds.make_split(synthetic_lfw / "images", synthetic_lfw, split=split, seed=3,
+                          val_fraction=0.25, val_pairs=40)
+    assert again == s  # evaluation pairs are fixed for a seed
+
+
+def test_view1_without_people_file_uses_everyone_absent_from_devtest(synthetic_lfw):
+    (synthetic_lfw / "peopleDevTrain.txt").unlink()
+    s = ds.make_split(synthetic_lfw / "images", synthetic_lfw, split="view1", val_fraction=0.2)
+    everyone = set(s["train"]) | set(s["val_people"])
+    assert everyone == {n for n in ds.read_identities(synthetic_lfw / "images")
+                        if not n.startswith("Test_")}
+
+
+def test_slice_of_data_is_a_seeded_random_subset_of_people(synthetic_lfw):
+    a = ds.make_split(synthetic_lfw / "images", synthetic_lfw, slice_of_data=8, seed=1,
+                      val_fraction=0.25, val_pairs=10)
+    b = ds.make_split(synthetic_lfw / "images", synthetic_lfw, slice_of_data=8, seed=2,
+                      val_fraction=0.25, val_pairs=10)
+    assert len(a["train"]) + len(a["val_people"]) == 8
+    assert set(a["train"]) | set(a["val_people"]) != set(b["train"]) | set(b["val_people"])
+    first8 = sorted(n for n in ds.read_identities(synthetic_lfw / "images")
+                    if n.startswith("Train") or n == "Single_Image")[:8]
+    assert set(a["train"]) | set(a["val_people"]) != set(first8)
+
+
+def test_identity_batches_hold_p_people_times_k_images():
+    people = fake_people(40)
+    batches = ds.identity_batches(people, batch_size=12, per_person=3, seed=0)
+    assert batches
+    for batch in batches:
+        owners = [p.parent.name for p in batch]
+        assert len(batch) == 12 and len(set(owners)) == 4
+        assert all(owners.count(o) == 3 for o in set(owners))
+        assert all(len(people[o]) >= 2 for o in owners)
+
+
+# ------------------------------------------------------------------ images and datasets
+
+def test_image_bank_cache_matches_reading_from_disk(tmp_path):
+    write_people(tmp_path, {"A": 2, "B": 1}, size=40)
+    paths = sorted(tmp_path.rglob("*.jpg"))
+    cached, lazy = ds.ImageBank(paths, 32, cache=True), ds.ImageBank(paths, 32, cache=False)
+    assert cached.images.shape == (3, 3, 32, 32) and cached.images.dtype == torch.uint8
+    for p in paths:
+        assert torch.equal(cached[p], lazy[p])
+
+
+def test_pair_dataset_gives_normalised_tensors_and_labels(tmp_path):
+    write_people(tmp_path, {"A": 2, "B": 1}, size=40)
+    paths = sorted(tmp_path.rglob("*.jpg"))
+    bank = ds.ImageBank(paths, 32)
+    data = ds.PairDataset([(paths[0], paths[1], 1), (paths[0], paths[2], 0)], bank,
+                          ds.train_transform(32, augment_p=1.0))
+    a, b, label = data[1]
+    assert a.shape == b.shape == (3, 32, 32) and a.dtype == torch.float32
+    assert label.item() == 0.0 and len(data) == 2
+    plain = ds.eval_transform()(bank[paths[0]])
+    assert plain.mean().abs() < 3 and not torch.equal(plain, bank[paths[0]].float())
