@@ -1,0 +1,160 @@
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+import model as m
+
+BASE = {"model": "compact", "image_size": 64, "embedding_dim": 32, "loss": "bce",
+        "distance": "l1", "drop_layer4": False, "head_hidden": 64, "head_depth": 1,
+        "activation": "sigmoid", "p": 0.0, "init": "default"}
+
+
+@pytest.mark.parametrize("size", [105, 84])
+def test_kochnet_works_at_two_input_sizes(size):
+    net = m.KochNet(size)
+    out = net(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 4096) and ((out > 0) & (out < 1)).all()  # sigmoid layer
+    assert net.fc[0].in_features == net.features(torch.zeros(1, 3, size, size)).shape[1]
+
+
+@pytest.mark.parametrize("name", ["koch", "compact"])
+@pytest.mark.parametrize("loss,distance", [("bce", "l1"), ("bce", "cosine"),
+                                           ("contrastive", "l1"), ("triplet", "cosine"),
+                                           ("arcface", "cosine")])
+def test_every_model_and_loss_gives_shapes_and_gradients(name, loss, distance):
+    size = 84 if name == "koch" else 64
+    cfg = {**BASE, "model": name, "loss": loss, "distance": distance, "image_size": size}
+    net = m.build_model(cfg)
+    x1, x2 = torch.randn(4, 3, size, size), torch.randn(4, 3, size, size)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    ids = torch.tensor([0, 0, 1, 1])
+    if loss == "bce":
+        out = m.bce_loss(net(x1, x2), y)
+    elif loss == "contrastive":
+        e1, e2 = net(torch.cat([x1, x2])).chunk(2)
+        out = m.contrastive_loss(e1, e2, y, distance)
+    elif loss == "triplet":
+        out = m.batch_hard_triplet_loss(net(x1), ids, distance, margin=0.2)
+    else:
+        out = m.ArcFace(net.backbone.out_dim, 2)(net(x1), ids)
+    assert out.ndim == 0 and torch.isfinite(out)
+    out.backward()
+    grads = [p.grad for p in net.backbone.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert net(x1, x2).shape == (4,)
+
+
+def test_kochnet_too_small_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="image_size=40 is too small for KochNet"):
+        m.KochNet(40)
+
+
+def test_pair_scores_from_cached_embeddings_equal_forward():
+    net = m.build_model({**BASE, "loss": "bce"}).eval()
+    x1, x2 = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        direct = net(x1, x2)
+        cached = net.score(net.embed(x1), net.embed(x2))
+    assert torch.allclose(direct, cached, atol=1e-5)
+
+
+def test_embedding_losses_score_by_distance():
+    net = m.build_model({**BASE, "loss": "triplet", "distance": "cosine"})
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert net.score(e1, e1).item() == pytest.approx(0.0) and net.score(e1, e2).item() == pytest.approx(-1.0)
+    net.distance = "l1"
+    assert net.score(e1, e2).item() == pytest.approx(-2.0)
+
+
+def test_contrastive_loss_by_hand():
+    e1, e2 = torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.3, 0.0], [0.4, 0.0]])
+    # same pair at L1 distance 0.3 -> 0.09; different pair at 0.4 with margin 1 -> 0.36
+    got = m.contrastive_loss(e1, e2, torch.tensor([1, 0]), "l1", margin=1.0)
+    assert got.item() == pytest.approx((0.09 + 0.36) / 2)
+
+
+def test_batch_hard_triplet_picks_hardest_positive_and_negative():
+    e = torch.tensor([[0.0], [1.0], [3.0], [1.5]])
+    ids = torch.tensor([0, 0, 1, 1])
+    # anchor 0: hardest pos 1.0, nearest neg 1.5 -> relu(1 - 1.5 + 1) = 0.5
+    # anchor 1: pos 1.0, neg 0.5 -> 1.5; anchor 2: pos 1.5, neg 2.0 -> 0.5; anchor 3: pos 1.5, neg 0.5 -> 2.0
+    got = m.batch_hard_triplet_loss(e, ids, "l1", margin=1.0)
+    assert got.item() == pytest.approx((0.5 + 1.5 + 0.5 + 2.0) / 4)
+
+
+def test_arcface_margin_makes_the_true_class_harder():
+    head = m.ArcFace(4, 3, scale=10.0, margin=0.5)
+    e, ids = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    no_margin = m.ArcFace(4, 3, scale=10.0, margin=0.0)
+    no_margin.weight.data.copy_(head.weight.data)
+    assert head(e, ids) > no_margin(e, ids)
+
+
+def test_embed_images_with_flip_sums_both_views():
+    net = m.build_model(BASE).eval()
+    images = torch.randint(0, 255, (5, 3, 64, 64), dtype=torch.uint8)
+    to_float = lambda x: x.float() / 255  # noqa: E731
+    plain = m.embed_images(net, images, to_float, batch_size=2)
+    flipped = m.embed_images(net, images.flip(3), to_float, batch_size=2)
+    both = m.embed_images(net, images, to_float, batch_size=3, flip=True)
+    assert plain.shape == (5, 32) and torch.allclose(both, plain + flipped, atol=1e-4)
+
+
+# ---------------------------------------------------------------- pretrained ResNeXt weights
+
+def resnext_cfg(**kw):
+    return {**BASE, "model": "resnext", "image_size": 64, "head_hidden": 16, "p": 0.8,
+            "init": "kaiming", **kw}
+
+
+@pytest.fixture
+def fake_imagenet_weights(tmp_path, monkeypatch):
+    """A weights file written by the test into a temporary TORCH_HOME, where torchvision's
+    cache looks first; nothing is downloaded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(123)
+    reference = torchvision.models.resnext50_32x4d(weights=None).state_dict()
+    url = torchvision.models.ResNeXt50_32X4D_Weights.IMAGENET1K_V2.url
+    target = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    target.parent.mkdir(parents=True)
+    torch.save(reference, target)
+    return reference
+
+
+def test_pretrained_weights_load_and_init_does_not_overwrite_them(fake_imagenet_weights):
+    net = m.build_model(resnext_cfg(), pretrained=True)
+    body = net.backbone.body.state_dict()
+    for k, v in fake_imagenet_weights.items():
+        if not k.startswith("fc."):
+            assert torch.equal(body[k], v), k
+
+
+def test_without_pretrained_the_body_is_freshly_initialised(fake_imagenet_weights):
+    net = m.build_model(resnext_cfg(), pretrained=False)
+    w = net.backbone.body.conv1.weight
+    assert not torch.equal(w, fake_imagenet_weights["conv1.weight"])
+
+
+def test_resnext_options_drop_layer4_and_head():
+    net = m.build_model(resnext_cfg(drop_layer4=True, head_depth=2, activation="relu"),
+                        pretrained=False)
+    assert isinstance(net.backbone.body.layer4, torch.nn.Identity)
+    assert net.backbone.head[0].in_features == 1024 and net.backbone.out_dim == 16
+    assert isinstance(net.backbone.head[1], torch.nn.ReLU)
+    assert net.embed(torch.randn(2, 3, 64, 64)).shape == (2, 16)
+
+
+def test_missing_pretrained_weights_give_one_clear_line(tmp_path, monkeypatch):
+    import torchvision.models._api as api
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(m.PretrainedWeightsMissing) as e:
+        m.build_model(resnext_cfg(), pretrained=True)
+    text = str(e.value)
+    assert "\n" not in text and "resnext50_32x4d-1a0047aa.pth" in text
+    assert str(tmp_path / "hub" / "checkpoints") in text and "--pretrained=False" in text

@@ -1,0 +1,210 @@
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dataset as ds
+import model as m
+import training
+import trainer2
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = ["config.json", "metrics.csv", "curves.png", "last.pt"] + \
+    [f"best_{k}.pt" for k in ("accuracy", "precision", "recall", "f1", "auc", "loss")]
+
+
+def tiny_args(root, run_dir, **kw):
+    args = {"data_dir": root / "images", "protocol_dir": root, "image_size": 32, "epochs": 3,
+            "batch_size": 16, "val_pairs": 40, "val_fraction": 0.25, "lr": 0.05,
+            "embedding_dim": 32, "threads": 1, "run_name": run_dir, "warmup_epochs": 0}
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- command-line overrides
+
+def test_overrides_are_type_checked():
+    defaults = {"epochs": 3, "lr": 0.1, "cos": True, "model": "koch", "resume": ""}
+    got = training.apply_overrides(defaults, ["--epochs=7", "--lr=1e-3", "--cos=false",
+                                              "--model=resnext"])
+    assert got == {"epochs": 7, "lr": 1e-3, "cos": False, "model": "resnext", "resume": ""}
+    assert training.apply_overrides(defaults, ["--lr=2"])["lr"] == 2.0
+    with pytest.raises(SystemExit, match="--epochs expects a int, got '2.5'"):
+        training.apply_overrides(defaults, ["--epochs=2.5"])
+    with pytest.raises(SystemExit, match="--cos expects a bool"):
+        training.apply_overrides(defaults, ["--cos=maybe"])
+    with pytest.raises(SystemExit, match="unknown hyperparameter 'epoch'; valid names: cos, "
+                                         "epochs, lr, model, resume"):
+        training.apply_overrides(defaults, ["--epoch=3"])
+    with pytest.raises(SystemExit, match="expected --name=value"):
+        training.apply_overrides(defaults, ["--epochs", "3"])
+
+
+def test_trainer_files_expose_every_hyperparameter():
+    names = set(training.hyperparameters(vars(trainer2)))
+    old = {"epochs", "batch_size", "num_workers", "lr", "lr_scheduler_on", "gamma", "step_size",
+           "weight_decay", "mixed_precision", "patience", "calc_metrics_interval",
+           "slice_of_data", "early_stopping_metric", "init", "cos", "p", "model", "optimizer"}
+    new = {"loss", "distance", "image_size", "seed", "device", "split", "data_dir", "run_name",
+           "max_minutes", "resume"}
+    assert old | new <= names
+    import trainer
+    assert set(training.hyperparameters(vars(trainer))) == names
+
+
+def test_bad_choice_is_rejected():
+    with pytest.raises(SystemExit, match="loss='hinge' is not one of"):
+        training.check_config({**training.hyperparameters(vars(trainer2)), "loss": "hinge"})
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+def test_lr_schedules():
+    cfg = {"warmup_epochs": 0, "lr_scheduler_on": True, "cos": True, "gamma": 0.1,
+           "step_size": 2}
+    assert training.lr_factor(cfg, 0.0, 0, 10) == 1.0
+    assert training.lr_factor(cfg, 0.5, 50, 10) == pytest.approx(0.5)
+    assert training.lr_factor(cfg, 1.0, 99, 10) == pytest.approx(0.0)
+    step = {**cfg, "cos": False}
+    assert [training.lr_factor(step, 0, s, 10) for s in (0, 19, 20, 39, 40)] == \
+        pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    warm = {**cfg, "warmup_epochs": 1}
+    assert training.lr_factor(warm, 0.0, 0, 10) == pytest.approx(0.1)
+    assert training.lr_factor(warm, 0.0, 9, 10) == pytest.approx(1.0)
+    assert training.lr_factor({**cfg, "lr_scheduler_on": False}, 0.9, 90, 10) == 1.0
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.fixture
+def trained(synthetic_lfw, tmp_path):
+    run_dir = tmp_path / "run"
+    assert training.main(vars(trainer2), tiny_args(synthetic_lfw, run_dir)) == 0
+    return synthetic_lfw, run_dir
+
+
+def test_trainer2_writes_every_file_and_applies_the_schedule(trained):
+    root, run_dir = trained
+    for name in FILES:
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    table = rows(run_dir)
+    assert [int(r["epoch"]) for r in table] == [1, 2, 3]
+    lrs = [float(r["lr"]) for r in table]
+    assert lrs[0] > lrs[1] > lrs[2] > 0  # cosine, really applied
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["epochs"] == 3 and len(config["git_commit"]) in (40, 7) or \
+        config["git_commit"] == "unknown"
+    for name in FILES[4:]:
+        ckpt = torch.load(run_dir / name, weights_only=True)
+        assert ckpt["model_config"]["model"] == "compact" and "threshold" in ckpt
+        assert set(ckpt["train_people"]).isdisjoint({f"Test_Person_{k:02d}" for k in range(8)})
+
+
+def test_best_checkpoints_hold_the_weights_of_their_own_best_epoch(trained):
+    root, run_dir = trained
+    table = rows(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())["config"]
+    split = ds.make_split(cfg["data_dir"], cfg["protocol_dir"], cfg["split"], cfg["seed"],
+                          cfg["val_fraction"], cfg["val_pairs"])
+    bank = ds.ImageBank({p for a, b, _ in split["val_pairs"] for p in (a, b)}, 32)
+    for name, pick in (("accuracy", max), ("auc", max), ("loss", min)):
+        values = [float(r[name]) for r in table]
+        best_epoch = values.index(pick(values)) + 1  # the first epoch reaching the best value
+        net, ckpt = m.load_checkpoint(run_dir / f"best_{name}.pt")
+        assert ckpt["epoch"] == best_epoch, name
+        again = training.validate(net, cfg, split["val_pairs"], bank, torch.device("cpu"))
+        assert again[name] == pytest.approx(values[best_epoch - 1], abs=1e-5), name
+        assert ckpt["threshold"] == pytest.approx(float(table[best_epoch - 1]["threshold"]))
+
+
+def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(trained, monkeypatch):
+    root, full_dir = trained
+    run_dir = full_dir.parent / "interrupted"
+    forward, calls = training.LossModel.forward, {"n": 0}
+    per_epoch = json.loads((full_dir / "config.json").read_text())["train_images"] // 16
+
+    def flaky(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 2 * per_epoch + 1:  # first step of epoch 3
+            raise KeyboardInterrupt
+        return forward(self, *a)
+    monkeypatch.setattr(training.LossModel, "forward", flaky)
+    assert training.main(vars(trainer2), tiny_args(root, run_dir)) == 130
+    assert len(rows(run_dir)) == 2
+    monkeypatch.setattr(training.LossModel, "forward", forward)
+    assert training.main(vars(trainer2), [f"--resume={run_dir}"]) == 0
+    keys = ("epoch", "step", "lr", "train_loss", "loss", "accuracy", "auc", "threshold")
+    full, resumed = rows(full_dir), rows(run_dir)
+    assert len(resumed) == 3
+    for a, b in zip(full, resumed):
+        for k in keys:
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-5, abs=1e-6), k
+
+
+def test_existing_run_is_not_overwritten(trained):
+    root, run_dir = trained
+    before = (run_dir / "last.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run; continue it with --resume"):
+        training.main(vars(trainer2), tiny_args(root, run_dir))
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_time_budget_ends_with_a_final_evaluation(synthetic_lfw, tmp_path, capsys):
+    run_dir = tmp_path / "budget"
+    assert training.main(vars(trainer2), tiny_args(synthetic_lfw, run_dir, epochs=1000,
+                                                   max_minutes=0.002)) == 0
+    assert "time budget spent" in capsys.readouterr().out
+    assert 1 <= len(rows(run_dir)) < 1000 and (run_dir / "best_accuracy.pt").exists()
+
+
+@pytest.mark.parametrize("loss", ["bce", "contrastive", "triplet"])
+def test_other_losses_train(synthetic_lfw, tmp_path, loss):
+    run_dir = tmp_path / loss
+    args = tiny_args(synthetic_lfw, run_dir, epochs=1, loss=loss, pairs_per_epoch=64,
+                     distance="l1" if loss != "triplet" else "cosine", margin=0.5)
+    assert training.main(vars(trainer2), args) == 0
+    assert len(rows(run_dir)) == 1
+
+
+def test_koch_bce_from_trainer_defaults(synthetic_lfw, tmp_path):
+    import trainer
+    run_dir = tmp_path / "koch"
+    args = tiny_args(synthetic_lfw, run_dir, epochs=1, image_size=84, pairs_per_epoch=32,
+                     batch_size=8, lr=1e-4)
+    assert training.main(vars(trainer), [a for a in args if "embedding_dim" not in a]) == 0
+    ckpt = torch.load(run_dir / "best_loss.pt", weights_only=True)
+    assert ckpt["model_config"]["model"] == "koch" and ckpt["model_config"]["loss"] == "bce"
+
+
+def test_missing_data_is_one_clear_line(tmp_path, capsys):
+    code = training.main(vars(trainer2), [f"--data_dir={tmp_path / 'nothing'}",
+                                          f"--run_name={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "nothing: no such folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ddp_with_two_gloo_processes(synthetic_lfw, tmp_path):
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29533", str(ROOT / "trainer2.py")] + \
+        tiny_args(synthetic_lfw, run_dir, epochs=2, device="cpu")
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["world_size"] == 2
+    assert [int(r["epoch"]) for r in rows(run_dir)] == [1, 2]  # rank 0 alone logs
+    for name in FILES:
+        assert (run_dir / name).is_file(), name
