@@ -217,12 +217,17 @@ def make_split(image_dir, protocol_dir, split="view1", seed=0, val_fraction=0.1,
 
 # ---------------------------------------------------------------- images, transforms, datasets
 
-def load_image(path, size=None):
-    """Decode to uint8 (3, H, W); with size, resize the short side and centre-crop a square."""
-    img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+def fit(img, size):
+    """Resize the short side to size and centre-crop a square: how every image, in training,
+    evaluation or a demo, reaches the network's input size."""
     if size and tuple(img.shape[1:]) != (size, size):
         img = v2.functional.center_crop(v2.functional.resize(img, size, antialias=True), size)
     return img
+
+
+def load_image(path, size=None):
+    """Decode to uint8 (3, H, W), fitted to size if given."""
+    return fit(decode_image(read_file(str(path)), mode=ImageReadMode.RGB), size)
 
 
 def decode_all(paths, size, desc="decode"):

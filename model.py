@@ -211,6 +211,16 @@ def embed_images(net, images, transform, batch_size=256, device="cpu", flip=Fals
     return torch.cat(out) if out else torch.empty(0)
 
 
+@torch.no_grad()
+def score_faces(net, image_size, face_a, face_b, flip=False):
+    """Score of two aligned uint8 face crops with a trained net (higher = same person)."""
+    import dataset  # the input pipeline lives there; imported here to keep model.py light
+    faces = torch.stack([dataset.fit(face_a, image_size), dataset.fit(face_b, image_size)])
+    device = next(net.parameters()).device
+    e = embed_images(net, faces, dataset.eval_transform(), device=device, flip=flip)
+    return float(net.score(e[:1].to(device), e[1:].to(device)))
+
+
 def pair_distance(e1, e2, distance):
     """L1 distance, or cosine distance (1 - cosine similarity)."""
     if distance == "l1":
