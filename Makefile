@@ -4,8 +4,10 @@ PY := .venv/bin/python
 LFW_ARCHIVE ?=
 LFW_PROTOCOL ?=
 DATA_ARGS := $(if $(LFW_ARCHIVE),--archive $(LFW_ARCHIVE)) $(if $(LFW_PROTOCOL),--protocol-dir $(LFW_PROTOCOL))
+# The newest run under logs/, for `make evaluate`.
+RUN ?= $(shell ls -td logs/*/ 2>/dev/null | head -1)
 
-.PHONY: setup data crop train test
+.PHONY: setup data crop train evaluate test app e2e bench
 
 setup: .venv/.installed
 
@@ -21,6 +23,28 @@ crop: data
 	$(PY) crop_dataset_to_faces.py
 
 train: crop
+	$(PY) trainer2.py
+	$(MAKE) evaluate RUN=
+
+# View 1 (DevTest pairs, people unseen in training) and View 2 (all 6,000 official pairs).
+evaluate: setup
+	@test -n "$(RUN)" || { echo "error: no run under logs/; train one with 'make train'" >&2; exit 1; }
+	$(PY) evaluate.py $(RUN)best_accuracy.pt --pairs dataset/pairsDevTest.txt --flip
+	$(PY) evaluate.py $(RUN)best_accuracy.pt --pairs dataset/pairs.txt --flip
 
 test: setup
 	$(PY) -m pytest -q tests
+
+app: setup
+	$(PY) -m streamlit run app.py
+
+# Browser test: Debian's Chromium and its driver, Selenium, then the test (screenshot in /tmp).
+e2e: setup
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+	.venv/bin/pip install -q -r requirements-e2e.txt
+	E2E_SCREENSHOT=$${E2E_SCREENSHOT:-/tmp/e2e_screenshot.png} $(PY) -m pytest -q tests/e2e
+
+# The results table: about two hours on 2 CPU cores (run it in the background).
+bench: setup
+	$(PY) benchmark.py --lfw ../shared/data/lfw --protocol all

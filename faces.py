@@ -30,7 +30,8 @@ def read_image(path):
     """Decode an image file to an RGB uint8 tensor (3, H, W); a clear FaceError if it can't."""
     path = Path(path)
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB,
+                            apply_exif_orientation=True)  # phone photos stand upright
     except (RuntimeError, ValueError, OSError) as e:
         raise FaceError(f"{path}: cannot read it as an image ({str(e).splitlines()[0]}); "
                         "use a JPEG or PNG photo") from None
@@ -40,7 +41,7 @@ def decode_bytes(data, name="upload"):
     """Decode image bytes (an upload) the same way as read_image."""
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                            mode=ImageReadMode.RGB)
+                            mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as e:
         raise FaceError(f"{name}: not a readable image ({str(e).splitlines()[0]}); "
                         "upload a JPEG or PNG photo") from None
@@ -152,9 +153,10 @@ def crop_faces(detector, images, size=112, mode="align", margin=0, rule="center"
     return warp(images, matrices, size), infos
 
 
-def face_from_photo(detector, image, size=112):
-    """One aligned face from a user's photo, or FaceError. Several faces: keep the largest."""
-    crops, infos = crop_faces(detector, [image], size=size, mode="align", rule="largest")
+def face_from_photo(detector, image, size=112, rule="largest"):
+    """One aligned face from a photo, or FaceError. Several faces: keep the largest (a user's
+    photo) or, with rule="center", the centred one (an LFW photo, as the crops were made)."""
+    crops, infos = crop_faces(detector, [image], size=size, mode="align", rule=rule)
     if not infos[0]["found"]:
         raise FaceError("no face found")
     return crops[0], infos[0]

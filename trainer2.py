@@ -47,7 +47,7 @@ gamma = 0.1                    # step schedule: lr factor every step_size epochs
 step_size = 10
 warmup_epochs = 1              # linear warm-up
 ema = 0.0                      # >0: evaluate and save an exponential moving average of weights
-mixed_precision = False        # fp16 on CUDA, bf16 on CPU
+mixed_precision = True         # fp16 on CUDA, bf16 on CPU (2x faster here: AMX)
 # ---- evaluation, stopping, run
 calc_metrics_interval = 1      # evaluate every N epochs
 early_stopping_metric = "accuracy"  # accuracy, precision, recall, f1, auc or loss

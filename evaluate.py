@@ -1,0 +1,377 @@
+"""Evaluate a trained checkpoint on an LFW pairs file: 10-fold accuracy, AUC, EER, TAR@FAR.
+
+    python evaluate.py CHECKPOINT [--data cropped_dataset] [--pairs dataset/pairsDevTest.txt]
+        [--flip] [--batch-size N] [--out DIR] [--skip-missing] [--device auto|cpu|cuda]
+        [--fold K]
+
+Each unique image is decoded and embedded once; pairs are then scored from the cached
+embeddings in one vectorised call. pairs.txt (View 2) keeps its 10 official folds; a
+single-set file is cut into 10 class-balanced folds; --fold K tests on one View 2 fold with a
+threshold from the other nine. Writes results.json, scores.csv, roc.png, scores.png and
+errors.png to --out (default: <checkpoint folder>/eval-<pairs stem>[-flip][-foldK]/).
+"""
+import argparse
+import csv
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn.metrics import RocCurveDisplay
+from tqdm import tqdm
+
+import dataset as ds
+import metrics
+import model as m
+from runtime import pick_device, set_threads
+
+SCORE_CHUNK = 8192  # pairs scored per call: bounds memory with 4096-d Koch embeddings
+N_ERRORS = 8        # worst false accepts and false rejects shown in errors.png
+N_MISSING = 5       # missing files named in the error
+
+
+class EvalError(Exception):
+    """Bad input; the message names the file and the fix."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="a best_*.pt written by trainer2.py")
+    p.add_argument("--data", default=None,
+                   help="<person>/<image>.jpg folder (default: the checkpoint's data_dir if it "
+                        "exists, else cropped_dataset)")
+    p.add_argument("--pairs", default="dataset/pairsDevTest.txt",
+                   help="pairs.txt (View 2, 10 folds) or pairsDevTest.txt (one set)")
+    p.add_argument("--flip", action="store_true", help="add the mirrored image's embedding")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="leave out pairs whose images are missing instead of stopping")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--fold", type=int, default=None,
+                   help="View 2, one fold as the test set: the threshold is chosen on the other "
+                        "folds' pairs and the figures are for this fold's pairs alone")
+    return p.parse_args(argv)
+
+
+def load(path, device):
+    try:
+        return m.load_checkpoint(path, device)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    except Exception as e:  # torch.load fails in many ways on a truncated or foreign file
+        if isinstance(e, RuntimeError) and "state_dict" in str(e):  # model.py changed since
+            raise EvalError(f"{path}: its weights do not fit the network model.py builds for its "
+                            "model_config; evaluate it with the version of model.py it was "
+                            "trained with (see its git_commit)") from None
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+        raise EvalError(f"{path}: not a readable checkpoint ({type(e).__name__}: {detail}); "
+                        "pass a best_*.pt written by trainer2.py") from None
+
+
+def choose_data(arg, ckpt):
+    """(folder, where the choice came from): --data, else the checkpoint's, else the default."""
+    if arg:
+        return Path(arg), "--data"
+    saved = ckpt.get("config", {}).get("data_dir")
+    if saved and Path(saved).is_dir():
+        return Path(saved), "the checkpoint's data_dir"
+    why = f"the checkpoint's data_dir {saved} is absent" if saved else "default"
+    return Path("cropped_dataset"), why
+
+
+def pair_paths(pairs, data):
+    return [(ds.image_path(data, a, i), ds.image_path(data, b, j)) for a, i, b, j, _, _ in pairs]
+
+
+def drop_missing(pairs, data, skip):
+    """Pairs whose images all exist, and how many were left out. Without skip, a missing
+    image is an error naming the first few."""
+    paths = pair_paths(pairs, data)
+    missing = sorted({p for pa, pb in paths for p in (pa, pb) if not p.is_file()})
+    if not missing:
+        return pairs, 0
+    if not skip:
+        names = ", ".join(str(p) for p in missing[:N_MISSING])
+        more = f" and {len(missing) - N_MISSING} more" if len(missing) > N_MISSING else ""
+        raise EvalError(f"{len(missing)} images of the pairs are missing from {data}: {names}"
+                        f"{more}; crop them with `python crop_dataset_to_faces.py`, pass the "
+                        "right --data, or --skip-missing to leave those pairs out")
+    gone = set(missing)
+    kept = [p for p, (pa, pb) in zip(pairs, paths) if pa not in gone and pb not in gone]
+    return kept, len(pairs) - len(kept)
+
+
+def decode(paths, size):
+    try:
+        return ds.decode_all(paths, size)
+    except RuntimeError:  # torchvision does not say which file; find it only on this path
+        for p in paths:
+            try:
+                ds.load_image(p)
+            except RuntimeError as e:
+                raise EvalError(f"{p}: cannot decode it ({str(e).splitlines()[0]}); re-crop it "
+                                "with `python crop_dataset_to_faces.py --overwrite` or pass "
+                                "--skip-missing after deleting it") from None
+        raise
+
+
+def pair_folds(pairs):
+    """Fold id per pair and a description: the file's own folds (View 2's 10 official ones),
+    or for a single-set file 10 folds with the same class mix each."""
+    folds = np.array([p[5] for p in pairs])
+    n = len(np.unique(folds))
+    if n > 1:
+        return folds, f"{n} official folds"
+    return metrics.balanced_folds([p[4] for p in pairs]), "10 class-balanced folds of one set"
+
+
+@torch.no_grad()
+def score_pairs(net, emb, a, b, device):
+    """Scores of pairs given as index tensors into the cached embeddings."""
+    out = [net.score(emb[a[i:i + SCORE_CHUNK]].to(device), emb[b[i:i + SCORE_CHUNK]].to(device))
+           .float().cpu() for i in range(0, len(a), SCORE_CHUNK)]
+    return torch.cat(out).numpy()
+
+
+def make_report(scores, labels, folds, val_threshold=None):
+    """Every figure for scored pairs: metrics.summary (k-fold accuracy, AUC, EER, TAR@FAR,
+    precision/recall/F1 at the k-fold median threshold) and, if given, the figures at the
+    checkpoint's validation threshold."""
+    report = metrics.summary(scores, labels, folds)
+    if val_threshold is not None:
+        report["at_validation_threshold"] = metrics.threshold_metrics(scores, labels,
+                                                                      val_threshold)
+    return report
+
+
+def contamination(pairs, ckpt):
+    """How many people of the pairs the checkpoint saw in training (incl. validation)."""
+    people = ds.pair_people(pairs)
+    if "train_people" not in ckpt:
+        return {"contaminated": None, "people_seen_in_training": None,
+                "people_in_pairs": len(people)}
+    seen = people & set(ckpt["train_people"])
+    return {"contaminated": bool(seen), "people_seen_in_training": len(seen),
+            "people_in_pairs": len(people)}
+
+
+def write_scores(pairs, labels, scores, path):
+    """Every pair's score, so that any figure can be recomputed or re-plotted."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name_a", "number_a", "name_b", "number_b", "same", "fold", "score"])
+        for (a, i, b, j, _, fold), y, s in zip(pairs, labels, scores):
+            w.writerow([a, i, b, j, int(y), fold, f"{s:.6g}"])
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ------------------------------------------------------------------ figures
+
+def plot_roc(scores, labels, name, path):
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    RocCurveDisplay.from_predictions(labels, scores, ax=ax, name=name)
+    # FAR on a log axis: the low-FAR end is what verification cares about. sklearn makes the
+    # axes square, which a log axis squashes.
+    ax.set_xscale("log")
+    ax.set_aspect("auto")
+    ax.set_xlim(1 / max(1, int((labels == 0).sum())), 1)
+    ax.set_xlabel("false accept rate (log)")
+    ax.set_ylabel("true accept rate")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_scores(scores, labels, threshold, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.histogram_bin_edges(scores, bins=60)
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="same person")
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="different people")
+    ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.4g}")
+    ax.set_xlabel("score (higher = same)")
+    ax.set_ylabel("pairs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def worst_errors(scores, labels, threshold, n=N_ERRORS):
+    """Indices of the highest-scoring false accepts and the lowest-scoring false rejects."""
+    fa = np.flatnonzero((labels == 0) & (scores >= threshold))
+    fr = np.flatnonzero((labels == 1) & (scores < threshold))
+    return fa[np.argsort(-scores[fa], kind="stable")][:n], fr[np.argsort(scores[fr], kind="stable")][:n]
+
+
+def plot_errors(pairs, scores, labels, threshold, images, index_a, index_b, path):
+    """Rows of pairs: false accepts on the left, false rejects on the right."""
+    fa, fr = worst_errors(scores, labels, threshold)
+    rows = max(len(fa), len(fr), 1)
+    fig, axes = plt.subplots(rows, 4, figsize=(8, 2.3 * rows + 0.4), squeeze=False,
+                             layout="constrained")
+    for ax in axes.ravel():
+        ax.axis("off")
+    for col, chosen, kind in ((0, fa, "false accepts"), (2, fr, "false rejects")):
+        if not len(chosen):
+            axes[0, col].text(0.5, 0.5, f"no {kind}", ha="center", va="center")
+        for row, k in enumerate(chosen):
+            a, i, b, j, _, _ = pairs[k]
+            for dc, idx, title in ((0, index_a[k], f"{a} {i}\nscore {scores[k]:.4g}"),
+                                   (1, index_b[k], f"{b} {j}\n")):
+                ax = axes[row, col + dc]
+                ax.imshow(images[idx].permute(1, 2, 0).numpy())
+                ax.set_title(title, fontsize=7)
+    fig.suptitle(f"worst false accepts (left) and false rejects (right) at threshold "
+                 f"{threshold:.4g}", fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ console
+
+def print_summary(results):
+    r, t = results, results["time_s"]
+    k, at = r["kfold"], r["at_threshold"]
+    lines = [
+        f"checkpoint  {r['checkpoint']} ({r['model']}/{r['loss']}/{r['distance']}, "
+        f"epoch {r['epoch']})",
+        f"pairs       {r['pairs']}: {r['n_pairs']} pairs ({r['n_same']} same, {r['n_diff']} "
+        f"different), {r['protocol']}"
+        + (f"; skipped {r['pairs_skipped']} pairs with missing images" if r["pairs_skipped"] else ""),
+        f"data        {r['data']} ({r['data_source']}), {r['images']} images, "
+        f"flip {'on' if r['flip'] else 'off'}",
+        f"accuracy    {k['mean']:.4f} ± {k['stderr']:.4f} (standard error; std {k['std']:.4f}) "
+        f"over {len(k['fold_accuracies'])} folds",
+        f"AUC         {r['auc']:.4f}",
+        f"EER         {r['eer']:.4f}",
+        f"TAR@FAR     {r['tar@far=1e-2']:.4f} at 1e-2, {r['tar@far=1e-3']:.4f} at 1e-3",
+        f"threshold   {at['threshold']:.4g} (median of the folds'): accuracy {at['accuracy']:.4f}, "
+        f"precision {at['precision']:.4f}, recall {at['recall']:.4f}, F1 {at['f1']:.4f}",
+    ]
+    if "at_validation_threshold" in r:
+        v = r["at_validation_threshold"]
+        lines.append(f"validation  threshold {v['threshold']:.4g} (the checkpoint's): accuracy "
+                     f"{v['accuracy']:.4f}, F1 {v['f1']:.4f}"
+                     + ("; note: --flip sums two embeddings per image, so a threshold found "
+                        "without flip may not transfer" if r["flip"] else ""))
+    lines.append(f"time        decode {t['decode']:.1f} s, embed {t['embed']:.1f} s "
+                 f"({r['images'] / max(t['embed'], 1e-9):.0f} images/s), score "
+                 f"{t['score']:.3f} s, total {t['total']:.1f} s")
+    print("\n".join(lines))
+    if r["contaminated"]:
+        print(f"WARNING: {r['people_seen_in_training']} of {r['people_in_pairs']} people in "
+              f"{Path(r['pairs']).name} were seen in training: this result is contaminated")
+    elif r["contaminated"] is None:
+        print("WARNING: the checkpoint does not record its training people, so contamination "
+              "cannot be checked")
+
+
+# ------------------------------------------------------------------ main
+
+def evaluate(args):
+    start = time.perf_counter()
+    device = pick_device(args.device)
+    set_threads()
+    net, ckpt = load(args.checkpoint, device)
+    cfg = ckpt["model_config"]
+    pairs = ds.parse_pairs(args.pairs)
+    data, data_source = choose_data(args.data, ckpt)
+    pairs, skipped = drop_missing(pairs, data, args.skip_missing)
+    labels = np.array([p[4] for p in pairs], dtype=np.int64)
+    if len(np.unique(labels)) < 2:
+        raise EvalError(f"{args.pairs}: after leaving out pairs with missing images, "
+                        f"{len(pairs)} pairs remain and they are not both same and different; "
+                        f"crop the missing images into {data} with `python crop_dataset_to_faces.py`")
+    folds, protocol = pair_folds(pairs)
+    if args.fold is not None and args.fold not in set(folds.tolist()):
+        raise EvalError(f"{args.pairs}: has no fold {args.fold}; --fold needs a pairs file with "
+                        "official folds (pairs.txt has 0-9)")
+
+    # Embed every unique image once; pairs only index into the cached embeddings.
+    paths = pair_paths(pairs, data)
+    unique = sorted({p for pair in paths for p in pair})
+    index = {p: n for n, p in enumerate(unique)}
+    print(f"{len(pairs)} pairs of {args.pairs}: embedding {len(unique)} images from {data} "
+          f"({data_source})")
+    t0 = time.perf_counter()
+    images = decode(unique, cfg["image_size"])
+    t1 = time.perf_counter()
+    transform = ds.eval_transform()
+    # Embed in the precision the model was trained and validated in (bf16 on CPU is ~2x faster).
+    amp = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                         enabled=bool(ckpt.get("config", {}).get("mixed_precision")))
+    with amp:
+        emb = torch.cat([m.embed_images(net, images[i:i + args.batch_size], transform,
+                                        args.batch_size, device, args.flip)
+                         for i in tqdm(range(0, len(unique), args.batch_size), desc="embed",
+                                       unit="batch", leave=False)])
+    t2 = time.perf_counter()
+    index_a = torch.tensor([index[pa] for pa, _ in paths])
+    index_b = torch.tensor([index[pb] for _, pb in paths])
+    scores = score_pairs(net, emb, index_a, index_b, device)
+    t3 = time.perf_counter()
+
+    all_pairs = pairs
+    if args.fold is None:
+        report = make_report(scores, labels, folds, ckpt.get("threshold"))
+    else:  # one official fold as the test set, its threshold from the other nine
+        train, test = folds != args.fold, folds == args.fold
+        fold_threshold = metrics.best_threshold(scores[train], labels[train])
+        pairs = [p for p, t in zip(pairs, test) if t]
+        scores, labels, index_a, index_b = scores[test], labels[test], index_a[test], index_b[test]
+        report = make_report(scores, labels, metrics.balanced_folds(labels), ckpt.get("threshold"))
+        report["test_fold"] = {"fold": args.fold,
+                               **metrics.threshold_metrics(scores, labels, fold_threshold)}
+        protocol = f"fold {args.fold} of {protocol}, threshold from the other folds"
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / (
+        f"eval-{Path(args.pairs).stem}{'-flip' if args.flip else ''}"
+        f"{'' if args.fold is None else f'-fold{args.fold}'}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_scores(pairs, labels, scores, out / "scores.csv")
+    threshold = report["at_threshold"]["threshold"]
+    plot_roc(scores, labels, f"{cfg['model']}/{cfg.get('loss')}", out / "roc.png")
+    plot_scores(scores, labels, threshold, out / "scores.png")
+    plot_errors(pairs, scores, labels, threshold, images, index_a, index_b, out / "errors.png")
+
+    results = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256(args.checkpoint),
+               "model": cfg["model"], "loss": cfg.get("loss"), "distance": cfg.get("distance"),
+               "image_size": cfg["image_size"], "epoch": ckpt.get("epoch"),
+               "pairs": str(args.pairs), "protocol": protocol, "data": str(data),
+               "data_source": data_source, "flip": args.flip, "images": len(unique),
+               "pairs_skipped": skipped, "device": str(device),
+               **contamination(pairs, ckpt), **report}
+    results["time_s"] = {"decode": t1 - t0, "embed": t2 - t1, "score": t3 - t2,
+                         "total": time.perf_counter() - start}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print_summary(results)
+    if args.fold is not None:
+        f = report["test_fold"]
+        print(f"fold {f['fold']}   accuracy {f['accuracy']:.4f} at threshold {f['threshold']:.4g} "
+              f"chosen on the other folds ({len(all_pairs) - len(pairs)} pairs)")
+    print(f"wrote results.json, scores.csv, roc.png, scores.png and errors.png to {out}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except (EvalError, ds.ProtocolError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

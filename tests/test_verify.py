@@ -1,0 +1,122 @@
+"""verify.py: verdicts and exit codes on a real face photo, its error lines, and the checkpoint
+finders in model.py."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import encode_jpeg
+
+import model as m
+import training
+import trainer2
+import verify
+from conftest import write_people, write_view1_protocol
+
+
+def jpeg(path, array):
+    path.write_bytes(encode_jpeg(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1),
+                                 quality=95).numpy().tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny trained checkpoint and photos: the public-domain astronaut from scikit-image,
+    the same photo with a second, smaller copy of her face beside it, and a blank image."""
+    from skimage.data import astronaut
+    from skimage.transform import resize
+    root = tmp_path_factory.mktemp("verify")
+    train = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(12)}
+    test = {f"Test_Person_{k:02d}": 3 for k in range(4)}
+    write_people(root / "images", {**train, **test})
+    write_view1_protocol(root, train, test)
+    args = {"data_dir": root / "images", "protocol_dir": root, "image_size": 32, "epochs": 1,
+            "batch_size": 16, "val_pairs": 40, "val_fraction": 0.25, "lr": 0.05,
+            "embedding_dim": 32, "threads": 1, "run_name": root / "run", "warmup_epochs": 0}
+    assert training.main(vars(trainer2), [f"--{k}={v}" for k, v in args.items()]) == 0
+    face = astronaut()
+    two = np.full((512, 768, 3), 200, np.uint8)
+    two[:, :512] = face
+    two[150:350, 540:740] = (resize(face, (200, 200)) * 255).astype(np.uint8)
+    return {"ckpt": root / "run" / "best_accuracy.pt",
+            "face": jpeg(root / "astronaut.jpg", face),
+            "two": jpeg(root / "two_faces.jpg", two),
+            "blank": jpeg(root / "blank.jpg", np.full((250, 250, 3), 128, np.uint8))}
+
+
+def run(capsys, *argv):
+    code = verify.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_exit_codes_follow_the_verdict(setup, capsys):
+    s = setup
+    code, out, _ = run(capsys, s["face"], s["face"], "--checkpoint", s["ckpt"], "--threshold", -1e9)
+    assert code == 0 and out.startswith("same person: score") and "--threshold" in out
+    code, out, _ = run(capsys, s["face"], s["face"], "--checkpoint", s["ckpt"], "--threshold", 1e9)
+    assert code == 1 and out.startswith("different people: score")
+    # The same photo twice scores a perfect cosine, above the checkpoint's own threshold.
+    code, out, _ = run(capsys, s["face"], s["face"], "--checkpoint", s["ckpt"])
+    threshold = torch.load(s["ckpt"], weights_only=True)["threshold"]
+    assert code == 0 and f"threshold {threshold:.4f} (the checkpoint's validation threshold" in out
+
+
+def test_json_output_has_every_field_and_warns_about_several_faces(setup, capsys):
+    s = setup
+    code, out, _ = run(capsys, s["face"], s["two"], "--checkpoint", s["ckpt"], "--threshold",
+                       1e9, "--json")
+    r = json.loads(out)
+    assert code == 1 and r["verdict"] == "different people" and r["same"] is False
+    assert isinstance(r["score"], float) and r["threshold"] == 1e9
+    assert r["threshold_source"] == "--threshold" and r["checkpoint"] == str(s["ckpt"])
+    assert r["images"] == [str(s["face"]), str(s["two"])] and r["faces_per_image"] == [1, 2]
+    assert r["warnings"] == [f"{s['two']}: 2 faces found; used the largest"]
+
+
+def test_no_face_and_unreadable_file_are_one_line_naming_the_file(setup, tmp_path, capsys):
+    s = setup
+    code, out, err = run(capsys, s["face"], s["blank"], "--checkpoint", s["ckpt"])
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {s['blank']}: no face found")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code, _, err = run(capsys, broken, s["face"], "--checkpoint", s["ckpt"])
+    assert code == 2 and err.startswith(f"error: {broken}: cannot read it as an image")
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, s["face"], s["face"], "--checkpoint", tmp_path / "none.pt")
+    assert code == 2 and "none.pt: no such checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_checkpoint_under_logs_says_how_to_train(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    code, _, err = run(capsys, setup["face"], setup["face"])
+    assert code == 2 and "make train" in err and "python trainer2.py" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_newest_checkpoint_and_list_checkpoints(setup, tmp_path, capsys, monkeypatch):
+    logs = tmp_path / "logs"
+    assert m.newest_checkpoint(logs) is None and m.list_checkpoints(logs) == []
+    for run_name, when in (("old", 1_000_000), ("new", 2_000_000), ("middle", 1_500_000)):
+        (logs / run_name).mkdir(parents=True)
+        for name in ("best_accuracy.pt", "best_auc.pt"):
+            shutil.copy(setup["ckpt"], logs / run_name / name)
+            os.utime(logs / run_name / name, (when, when))
+    (logs / "new" / "best_loss.pt").write_bytes(b"half-written")  # left out, not a crash
+    assert m.newest_checkpoint(logs) == logs / "new" / "best_accuracy.pt"
+    rows = m.list_checkpoints(logs)
+    assert len(rows) == 6 and [r["run"] for r in rows[::2]] == ["new", "middle", "old"]
+    saved = torch.load(setup["ckpt"], weights_only=True)
+    r = rows[0]
+    assert r["model"] == "compact" and r["loss"] == saved["model_config"]["loss"]
+    assert r["accuracy"] == saved["metrics"]["accuracy"] and r["threshold"] == saved["threshold"]
+    assert r["mtime"] == 2_000_000 and r["best"] in ("accuracy", "auc")
+    # verify.py without --checkpoint uses the newest.
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, setup["face"], setup["face"], "--threshold", -1e9, "--json")
+    assert code == 0 and json.loads(out)["checkpoint"] == "logs/new/best_accuracy.pt"

@@ -1,0 +1,117 @@
+"""Are the faces in two photos the same person?
+
+    python verify.py IMAGE_A IMAGE_B [--checkpoint logs/<run>/best_accuracy.pt] [--threshold T]
+        [--json] [--device auto|cpu|cuda]
+
+Each face is detected and aligned as crop_dataset_to_faces.py does (faces.face_from_photo;
+with several faces, the largest), both are embedded with the checkpoint and the score is
+compared with the threshold (default: the checkpoint's own validation threshold).
+Without --checkpoint, the newest logs/<run>/best_accuracy.pt is used.
+Exit status: 0 same person, 1 different people, 2 an error (one line on stderr).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import faces
+import model as m
+from runtime import pick_device, set_threads
+
+LOGS = "logs"
+
+
+class VerifyError(Exception):
+    """Bad input; the message names the file and the fix."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"a best_*.pt (default: the newest {LOGS}/<run>/best_accuracy.pt)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold on the score (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable result")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p.parse_args(argv)
+
+
+def find_checkpoint(arg):
+    if arg:
+        return Path(arg)
+    path = m.newest_checkpoint(LOGS)
+    if path is None:
+        raise VerifyError(f"no checkpoint: {LOGS}/ holds no <run>/best_accuracy.pt; train one "
+                          "with `make train` or `python trainer2.py`, or pass --checkpoint")
+    return path
+
+
+def load(path, device):
+    try:
+        return m.load_checkpoint(path, device)
+    except FileNotFoundError as e:
+        raise VerifyError(str(e)) from None
+    except Exception as e:  # torch.load fails in many ways on a truncated or foreign file
+        if isinstance(e, RuntimeError) and "state_dict" in str(e):  # model.py changed since
+            raise VerifyError(f"{path}: its weights do not fit the network model.py builds for "
+                              "its model_config; use the version of model.py it was trained "
+                              "with (see its git_commit)") from None
+        raise VerifyError(f"{path}: not a readable checkpoint ({type(e).__name__}); pass a "
+                          "best_*.pt written by trainer2.py") from None
+
+
+def face(detector, path, image):
+    """The aligned face of one photo, or a FaceError naming the file."""
+    try:
+        return faces.face_from_photo(detector, image)
+    except faces.FaceError as e:
+        raise faces.FaceError(f"{path}: {e}; use a photo where the face is clearly visible "
+                              "and roughly frontal") from None
+
+
+def verify(args):
+    path = find_checkpoint(args.checkpoint)
+    images = [faces.read_image(p) for p in (args.image_a, args.image_b)]  # cheap checks first
+    device = pick_device(args.device)
+    set_threads()
+    net, ckpt = load(path, device)
+    detector = faces.load_detector(device)
+    (crop_a, info_a), (crop_b, info_b) = [face(detector, p, img) for p, img in
+                                          zip((args.image_a, args.image_b), images)]
+    warnings = [f"{p}: {info['n_faces']} faces found; used the largest"
+                for p, info in ((args.image_a, info_a), (args.image_b, info_b))
+                if info["n_faces"] > 1]
+    score = m.score_faces(net, ckpt["model_config"]["image_size"], crop_a, crop_b)
+    threshold = ckpt["threshold"] if args.threshold is None else args.threshold
+    same = score >= threshold
+    return {"verdict": "same person" if same else "different people", "same": bool(same),
+            "score": score, "threshold": float(threshold),
+            "threshold_source": "checkpoint" if args.threshold is None else "--threshold",
+            "checkpoint": str(path), "images": [str(args.image_a), str(args.image_b)],
+            "faces_per_image": [info_a["n_faces"], info_b["n_faces"]], "warnings": warnings}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        result = verify(args)
+    except (VerifyError, faces.FaceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for w in result["warnings"]:
+            print(f"warning: {w}")
+        source = "the checkpoint's validation threshold" if result["threshold_source"] == \
+            "checkpoint" else "--threshold"
+        print(f"{result['verdict']}: score {result['score']:.4f} "
+              f"{'>=' if result['same'] else '<'} threshold {result['threshold']:.4f} "
+              f"({source}; {result['checkpoint']})")
+    return 0 if result["same"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
