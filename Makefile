@@ -24,7 +24,7 @@ crop: data
 
 train: crop
 	$(PY) trainer2.py
-	$(MAKE) evaluate RUN=
+	$(MAKE) evaluate
 
 # View 1 (DevTest pairs, people unseen in training) and View 2 (all 6,000 official pairs).
 evaluate: setup

@@ -405,7 +405,14 @@ def train(cfg):
                         run_dir / "last.pt")
 
     budget = cfg["max_minutes"] * 60 if cfg["max_minutes"] else None
+    # Snapshots at fixed minutes show where a time-budgeted run's accuracy curve is going.
+    snapshots = sorted(float(x) for x in str(cfg["snapshot_minutes"]).split(",") if x.strip())
+    snapshots = [x for x in snapshots if x > state["minutes"]]
     steps_per_epoch = len(epoch_loader(cfg, train_people, labels, bank, transform, 0, rank, world))
+    if steps_per_epoch == 0:
+        raise ds.ProtocolError(f"{cfg['data_dir']}: {len(bank.paths) - len(val_paths)} training "
+                               f"images give no full batch of {cfg['batch_size']}; lower "
+                               "--batch_size or use more data (slice_of_data)")
     total_steps = max(1, steps_per_epoch * cfg["epochs"])
     start = time.time() - state["minutes"] * 60
     stopped = False
@@ -440,6 +447,11 @@ def train(cfg):
                 if ema is not None:
                     ema.update_parameters(net)
                 state["step"] += 1
+                if main_rank and snapshots and time.time() - start >= snapshots[0] * 60:
+                    row = validate(ema.module if ema is not None else net, cfg,
+                                   split["val_pairs"], bank, device)
+                    state["minutes"] = (time.time() - start) / 60
+                    save_atomic(checkpoint(row), run_dir / f"snapshot_{snapshots.pop(0):g}min.pt")
                 losses.append(loss.item())
                 seen += len(x1) * (2 if x2 is not None else 1) * world
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",

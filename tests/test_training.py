@@ -22,7 +22,8 @@ FILES = ["config.json", "metrics.csv", "curves.png", "last.pt"] + \
 def tiny_args(root, run_dir, **kw):
     args = {"data_dir": root / "images", "protocol_dir": root, "image_size": 32, "epochs": 3,
             "batch_size": 16, "val_pairs": 40, "val_fraction": 0.25, "lr": 0.05,
-            "embedding_dim": 32, "threads": 1, "run_name": run_dir, "warmup_epochs": 0}
+            "embedding_dim": 32, "threads": 1, "run_name": run_dir, "warmup_epochs": 0,
+            "max_minutes": 0}
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -164,9 +165,12 @@ def test_existing_run_is_not_overwritten(trained):
 def test_time_budget_ends_with_a_final_evaluation(synthetic_lfw, tmp_path, capsys):
     run_dir = tmp_path / "budget"
     assert training.main(vars(trainer2), tiny_args(synthetic_lfw, run_dir, epochs=1000,
-                                                   max_minutes=0.002)) == 0
+                                                   max_minutes=0.004,
+                                                   snapshot_minutes="0.0001")) == 0
     assert "time budget spent" in capsys.readouterr().out
     assert 1 <= len(rows(run_dir)) < 1000 and (run_dir / "best_accuracy.pt").exists()
+    snap = torch.load(run_dir / "snapshot_0.0001min.pt", weights_only=True)
+    assert snap["step"] >= 1 and "threshold" in snap
 
 
 @pytest.mark.parametrize("loss", ["bce", "contrastive", "triplet"])

@@ -1,0 +1,344 @@
+"""Reproduce the results table: accuracy on the official LFW protocol under a fixed CPU
+training budget, and how fast each step runs.
+
+    python benchmark.py [--lfw ../shared/data/lfw] [--protocol view1|view2|all] [--minutes 30]
+        [--recipes seed,best] [--out results]
+
+It only runs the project's own scripts (download_data.py, crop_dataset_to_faces.py,
+trainer2.py, evaluate.py), each as a subprocess, and collects what they write. Every finished
+step is remembered in OUT/cache/state.json, so a crashed benchmark picks up where it stopped;
+crops are resumable anyway. Writes OUT/benchmark.json, OUT/benchmark.md (also copied into the
+marked sections of README.md and RECIPE.md), OUT/accuracy_vs_minutes.png, OUT/roc_view1.png.
+"""
+import argparse
+import csv
+import json
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+# Each recipe: trainer2.py overrides, and evaluate.py flags.
+RECIPES = {
+    # The paper's recipe as the old project meant to run it, its bugs fixed.
+    "seed": {"train": ["--model=koch", "--loss=bce", "--distance=l1", "--optimizer=adam",
+                       "--lr=1e-4", "--weight_decay=0.0", "--image_size=105", "--init=koch",
+                       "--batch_size=64", "--augment_p=0.5"],
+             "eval": []},
+    # trainer2.py's defaults, with flip test-time augmentation.
+    "best": {"train": [], "eval": ["--flip"]},
+}
+SNAPSHOT_SHARES = (1 / 6, 1 / 3, 2 / 3)  # 5, 10 and 20 minutes of a 30-minute budget
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lfw", default="../shared/data/lfw",
+                   help="folder with an LFW archive (*.tgz or *.zip) and the protocol files")
+    p.add_argument("--protocol", choices=["view1", "view2", "all"], default="all")
+    p.add_argument("--minutes", type=float, default=30,
+                   help="training budget per recipe (view2: split over the 10 folds)")
+    p.add_argument("--recipes", default="seed,best", help=f"any of {', '.join(RECIPES)}")
+    p.add_argument("--out", default="results")
+    p.add_argument("--data-root", default="dataset", help="where download_data.py extracts")
+    p.add_argument("--crops", default="cropped_dataset", help="crop cache")
+    p.add_argument("--logs", default="logs", help="where the training runs go")
+    p.add_argument("--docs", default=str(HERE),
+                   help="folder whose README.md and RECIPE.md get the table ('' for none)")
+    p.add_argument("--train-args", default="",
+                   help="extra trainer2.py overrides for every run (for quick trials)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------ running steps
+
+def run_step(name, cmd, state, state_path, log_dir):
+    """Run one command unless state says it finished; its output goes to LOG_DIR/<name>.log."""
+    if name in state:
+        return state[name]
+    log = log_dir / f"{name}.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, *map(str, cmd)], cwd=HERE, stdout=f,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"error: step {name} failed (exit {done.returncode}): {tail[0]}; "
+                         f"full log in {log}. Fix it and run the benchmark again: finished "
+                         "steps are kept")
+    state[name] = {"seconds": time.time() - t0, "log": str(log)}
+    state_path.write_text(json.dumps(state, indent=2))
+    return state[name]
+
+
+def train_cmd(args, recipe, run_dir, minutes, extra):
+    shares = ",".join(f"{minutes * s:g}" for s in SNAPSHOT_SHARES)
+    return ["trainer2.py", f"--data_dir={args.crops}", f"--protocol_dir={args.data_root}",
+            f"--max_minutes={minutes:g}", "--epochs=100000", f"--run_name={run_dir}",
+            f"--snapshot_minutes={shares}", *RECIPES[recipe]["train"], *extra,
+            *args.train_args.split()]
+
+
+def eval_cmd(args, recipe, ckpt, pairs, out, fold=None):
+    return ["evaluate.py", ckpt, "--data", args.crops, "--pairs", pairs, "--out", out,
+            *RECIPES[recipe]["eval"], *([] if fold is None else ["--fold", str(fold)])]
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def train_speed(run_dir):
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return float(np.mean([float(r["images_per_s"]) for r in csv.DictReader(f)]))
+
+
+# ------------------------------------------------------------------ protocols
+
+def view1(args, recipe, state, state_path, cache, bar):
+    """Train on DevTrain people for the budget, evaluate best_accuracy.pt and the snapshots on
+    pairsDevTest.txt."""
+    run_dir = Path(args.logs) / f"bench-view1-{recipe}"
+    name = f"view1-{recipe}-train"
+    if name not in state:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run of ours: start over
+    run_step(name, train_cmd(args, recipe, run_dir, args.minutes, ["--split=view1"]), state,
+             state_path, cache)
+    bar.update()
+    pairs = Path(args.data_root) / "pairsDevTest.txt"
+    curve = []
+    for share in (*SNAPSHOT_SHARES, 1.0):
+        minutes = args.minutes * share
+        ckpt = run_dir / ("best_accuracy.pt" if share == 1.0 else f"snapshot_{minutes:g}min.pt")
+        if not ckpt.exists():  # the run stopped early (patience) before this snapshot
+            continue
+        out = cache / f"view1-{recipe}-{minutes:g}min"
+        run_step(f"view1-{recipe}-eval-{minutes:g}min",
+                 eval_cmd(args, recipe, ckpt, pairs, out), state, state_path, cache)
+        r = read_json(out / "results.json")
+        curve.append({"minutes": minutes, "accuracy": r["kfold"]["mean"],
+                      "stderr": r["kfold"]["stderr"]})
+    bar.update()
+    final = read_json(cache / f"view1-{recipe}-{args.minutes:g}min" / "results.json")
+    out = cache / f"view2-timing-{recipe}"  # the View 2 pairs with a View 1 model: timing only
+    run_step(f"view2-timing-{recipe}", eval_cmd(args, recipe, run_dir / "best_accuracy.pt",
+                                                Path(args.data_root) / "pairs.txt", out),
+             state, state_path, cache)
+    timing = read_json(out / "results.json")
+    return {"accuracy": final["kfold"]["mean"], "std": final["kfold"]["std"],
+            "stderr": final["kfold"]["stderr"], "auc": final["auc"], "eer": final["eer"],
+            "tar@far=1e-2": final["tar@far=1e-2"], "tar@far=1e-3": final["tar@far=1e-3"],
+            "contaminated": final["contaminated"],
+            "people_seen_in_training": final["people_seen_in_training"],
+            "epoch": final["epoch"], "curve": curve,
+            "scores_csv": str(cache / f"view1-{recipe}-{args.minutes:g}min" / "scores.csv"),
+            "train_images_per_s": train_speed(run_dir),
+            "embed_images_per_s": final["images"] / final["time_s"]["embed"],
+            "view2_eval_seconds": timing["time_s"]["total"]}
+
+
+def view2(args, recipe, state, state_path, cache, bar):
+    """For each people.txt fold: train on the other nine for minutes/10, choose the threshold
+    on the other folds' pairs, test on the fold's 600 pairs."""
+    folds = []
+    for k in range(10):
+        run_dir = Path(args.logs) / f"bench-view2-{recipe}-fold{k}"
+        name = f"view2-{recipe}-fold{k}-train"
+        if name not in state:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        run_step(name, train_cmd(args, recipe, run_dir, args.minutes / 10,
+                                 ["--split=view2", f"--fold={k}"]), state, state_path, cache)
+        out = cache / f"view2-{recipe}-fold{k}"
+        run_step(f"view2-{recipe}-fold{k}-eval",
+                 eval_cmd(args, recipe, run_dir / "best_accuracy.pt",
+                          Path(args.data_root) / "pairs.txt", out, fold=k),
+                 state, state_path, cache)
+        r = read_json(out / "results.json")
+        folds.append({"fold": k, "accuracy": r["test_fold"]["accuracy"],
+                      "threshold": r["test_fold"]["threshold"], "auc": r["auc"],
+                      "people_seen_in_training": r["people_seen_in_training"]})
+        bar.update()
+    acc = np.array([f["accuracy"] for f in folds])
+    return {"accuracy": float(acc.mean()), "std": float(acc.std(ddof=1)),
+            "stderr": float(acc.std(ddof=1) / np.sqrt(len(acc))), "folds": folds,
+            "overlap": sum(f["people_seen_in_training"] for f in folds)}
+
+
+# ------------------------------------------------------------------ reporting
+
+def table(results):
+    """The markdown table: no hand-typed numbers anywhere."""
+    b = results
+    lines = [f"Budget: {b['minutes']:g} minutes of training per recipe on {b['machine']['threads']} "
+             f"CPU threads ({b['machine']['cpu']}), from scratch, LFW only. Reproduce with "
+             f"`{b['command']}` (commit `{b['git_commit'][:10]}`).", ""]
+    if b["view1"]:
+        lines += ["**View 1**: trained on the 4,038 people of `peopleDevTrain.txt`, tested on the "
+                  "1,000 pairs of `pairsDevTest.txt` (no test person seen in training); "
+                  "10-fold threshold cross-validation, mean ± std.", "",
+                  "| recipe | accuracy | AUC | EER | TAR@FAR=1e-2 | TAR@FAR=1e-3 | "
+                  + " | ".join(f"acc. @ {m:g} min" for m in b["curve_minutes"]) + " |",
+                  "| --- " * (6 + len(b["curve_minutes"])) + "|"]
+        for name, r in b["view1"].items():
+            at = {c["minutes"]: c["accuracy"] for c in r["curve"]}
+            lines.append(
+                f"| {name} | {r['accuracy']:.2%} ± {r['std']:.2%} | {r['auc']:.4f} | "
+                f"{r['eer']:.2%} | {r['tar@far=1e-2']:.2%} | {r['tar@far=1e-3']:.2%} | "
+                + " | ".join(f"{at[m]:.2%}" if m in at else "n/a" for m in b["curve_minutes"])
+                + " |")
+        lines.append("")
+    if b["view2"]:
+        lines += ["**View 2**: the official protocol, a model per `people.txt` fold trained for "
+                  f"{b['minutes'] / 10:g} minutes on the other nine; mean ± standard error over "
+                  "the 10 folds.", "", "| recipe | accuracy | overlap of training and test people |",
+                  "| --- | --- | --- |"]
+        for name, r in b["view2"].items():
+            lines.append(f"| {name} | {r['accuracy']:.2%} ± {r['stderr']:.2%} | {r['overlap']} |")
+        lines.append("")
+    s = b["speed"]
+    lines += ["**Speed** on this machine:", "",
+              "| step | figure |", "| --- | --- |",
+              f"| crop (MTCNN, batched) | {s['crop_images_per_s']:.1f} images/s |"]
+    for name, r in b["view1"].items():
+        lines += [f"| train `{name}` | {r['train_images_per_s']:.0f} images/s |",
+                  f"| embed `{name}` | {r['embed_images_per_s']:.0f} images/s |",
+                  f"| View 2 evaluation `{name}` (7,701 images, 6,000 pairs) | "
+                  f"{r['view2_eval_seconds']:.1f} s |"]
+    lines.append(f"| peak memory (largest step) | {s['peak_rss_mb']:.0f} MB |")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(docs, text):
+    for name in ("README.md", "RECIPE.md"):
+        path = Path(docs) / name
+        if not path.exists():
+            continue
+        doc = path.read_text()
+        new = re.sub(r"(<!-- benchmark:start -->\n).*?(<!-- benchmark:end -->)",
+                     lambda m: m.group(1) + text + m.group(2), doc, flags=re.S)
+        path.write_text(new)
+
+
+def plot(results, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results["view1"].items():
+        c = r["curve"]
+        ax.errorbar([x["minutes"] for x in c], [x["accuracy"] for x in c],
+                    yerr=[x["stderr"] for x in c], marker="o", capsize=3, label=name)
+    ax.set_xlabel("training minutes"), ax.set_ylabel("View 1 DevTest accuracy")
+    ax.set_title("accuracy vs training time (10-fold, ± standard error)"), ax.grid(alpha=0.3)
+    ax.legend(), fig.tight_layout(), fig.savefig(out / "accuracy_vs_minutes.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for name, r in results["view1"].items():
+        with open(r["scores_csv"], newline="") as f:
+            rows = list(csv.DictReader(f))
+        fpr, tpr, _ = roc_curve([int(x["same"]) for x in rows], [float(x["score"]) for x in rows])
+        ax.plot(np.maximum(fpr, 1e-3), tpr, label=f"{name} (AUC {r['auc']:.3f})")
+    ax.set_xscale("log"), ax.set_xlim(1e-3, 1), ax.grid(alpha=0.3, which="both")
+    ax.set_xlabel("false accept rate (log)"), ax.set_ylabel("true accept rate")
+    ax.set_title("View 1 DevTest ROC"), ax.legend(), fig.tight_layout()
+    fig.savefig(out / "roc_view1.png", dpi=100)
+    plt.close(fig)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=HERE, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+# ------------------------------------------------------------------ main
+
+def main(argv=None):
+    args = parse_args(argv)
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = set(recipes) - set(RECIPES)
+    if unknown:
+        raise SystemExit(f"error: unknown recipe {', '.join(sorted(unknown))}; use "
+                         f"{', '.join(RECIPES)}")
+    lfw = Path(args.lfw)
+    archives = sorted(lfw.glob("*.tgz")) + sorted(lfw.glob("*.zip")) if lfw.is_dir() else []
+    if not archives:
+        raise SystemExit(f"error: {lfw}: no LFW archive (*.tgz or *.zip) there; pass --lfw "
+                         "with the folder holding the archive and the protocol files")
+    out = Path(args.out)
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    state_path = cache / "state.json"
+    state = read_json(state_path) if state_path.exists() else {}
+    protocols = ["view1", "view2"] if args.protocol == "all" else [args.protocol]
+    started = time.time()
+
+    bar = tqdm(total=2, desc="data", unit="step")
+    run_step("download", ["download_data.py", "--archive", archives[0], "--protocol-dir", lfw,
+                          "--root", args.data_root], state, state_path, cache)
+    bar.update()
+    run_step("crop", ["crop_dataset_to_faces.py", "--src", Path(args.data_root) / "images",
+                      "--dst", args.crops], state, state_path, cache)
+    bar.update(), bar.close()
+    # Crop speed on a fixed sample, so that the figure does not depend on the crop cache.
+    sample = cache / "crop_sample"
+    shutil.rmtree(sample, ignore_errors=True)
+    crop_log = run_step("crop-speed", ["crop_dataset_to_faces.py", "--src",
+                                       Path(args.data_root) / "images", "--dst", sample,
+                                       "--limit", "320"], state, state_path, cache)["log"]
+    crop_speed = float(re.search(r"\(([\d.]+) images/s\)", Path(crop_log).read_text()).group(1))
+
+    results = {"view1": {}, "view2": {}}
+    for protocol in protocols:
+        steps = 2 * len(recipes) if protocol == "view1" else 10 * len(recipes)
+        bar = tqdm(total=steps, desc=protocol, unit="step")
+        for recipe in recipes:
+            run = view1 if protocol == "view1" else view2
+            results[protocol][recipe] = run(args, recipe, state, state_path, cache, bar)
+        bar.close()
+
+    command = "python benchmark.py " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
+    results.update({
+        "command": command.strip(), "minutes": args.minutes, "recipes": recipes,
+        "recipe_overrides": {r: RECIPES[r] for r in recipes}, "protocols": protocols,
+        "curve_minutes": [args.minutes * s for s in (*SNAPSHOT_SHARES, 1.0)],
+        "git_commit": git_commit(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "speed": {"crop_images_per_s": crop_speed,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
+        "wall_seconds_this_invocation": time.time() - started,
+    })
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2))
+    text = table(results)
+    (out / "benchmark.md").write_text(text)
+    if results["view1"]:
+        plot(results, out)
+    if args.docs:
+        write_docs(args.docs, text)
+    print(text)
+    print(f"wrote {out}/benchmark.json, benchmark.md and the plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
