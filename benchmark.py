@@ -83,7 +83,8 @@ def run_step(name, cmd, state, state_path, log_dir):
 def train_cmd(args, recipe, run_dir, minutes, extra):
     shares = ",".join(f"{minutes * s:g}" for s in SNAPSHOT_SHARES)
     return ["trainer2.py", f"--data_dir={args.crops}", f"--protocol_dir={args.data_root}",
-            f"--max_minutes={minutes:g}", "--epochs=100000", f"--run_name={run_dir}",
+            # An absolute run_name: trainer2.py puts a bare name under logs/ itself.
+            f"--max_minutes={minutes:g}", "--epochs=100000", f"--run_name={Path(run_dir).resolve()}",
             f"--snapshot_minutes={shares}", *RECIPES[recipe]["train"], *extra,
             *args.train_args.split()]
 
@@ -290,7 +291,7 @@ def main(argv=None):
     state_path = cache / "state.json"
     state = read_json(state_path) if state_path.exists() else {}
     protocols = ["view1", "view2"] if args.protocol == "all" else [args.protocol]
-    started = time.time()
+    started, commit = time.time(), git_commit()  # the code that produced the numbers
 
     bar = tqdm(total=2, desc="data", unit="step")
     run_step("download", ["download_data.py", "--archive", archives[0], "--protocol-dir", lfw,
@@ -321,7 +322,7 @@ def main(argv=None):
         "command": command.strip(), "minutes": args.minutes, "recipes": recipes,
         "recipe_overrides": {r: RECIPES[r] for r in recipes}, "protocols": protocols,
         "curve_minutes": [args.minutes * s for s in (*SNAPSHOT_SHARES, 1.0)],
-        "git_commit": git_commit(), "torch": torch.__version__,
+        "git_commit": commit, "torch": torch.__version__,
         "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
                     "python": platform.python_version()},
         "speed": {"crop_images_per_s": crop_speed,
