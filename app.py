@@ -137,7 +137,8 @@ def pair_score(path, mtime, photo_a, photo_b):
     net, ckpt = load_net(path, mtime)
     crops = [analyse(p["data"], p["name"], p.get("rule", "largest"))["crop"]
              for p in (photo_a, photo_b)]
-    return model.score_faces(net, ckpt["model_config"]["image_size"], *crops)
+    return model.score_faces(net, ckpt["model_config"]["image_size"], *crops,
+                             amp=ckpt["config"].get("mixed_precision", False))
 
 
 # ------------------------------------------------------------------ example pairs
@@ -324,9 +325,9 @@ def main():
     path, mtime = str(row["path"]), row["mtime"]
     try:  # loaded now, so that a broken checkpoint is reported before any photo is given
         _, ckpt = load_net(path, mtime)
-    except Exception as e:  # a corrupt or foreign checkpoint fails in many ways
-        st.error(f"Cannot load {path}: {e}. Pick another checkpoint or retrain with "
-                 f"`{TRAIN_COMMAND}`.")
+        model.require_aligned_faces(ckpt, path)
+    except model.CheckpointError as e:
+        st.error(f"{e}. Or pick another checkpoint.")
         st.stop()
     image_size = ckpt["model_config"]["image_size"]
     default = float(ckpt["threshold"])

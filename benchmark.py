@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from runtime import git_commit
+
 HERE = Path(__file__).resolve().parent
 # Each recipe: trainer2.py overrides, and evaluate.py flags.
 RECIPES = {
@@ -115,6 +117,9 @@ def view1(args, recipe, state, state_path, cache, bar):
     run_step(name, train_cmd(args, recipe, run_dir, args.minutes, ["--split=view1"]), state,
              state_path, cache)
     bar.update()
+    if not (run_dir / "best_accuracy.pt").exists():
+        raise SystemExit(f"error: {run_dir}: training wrote no best_accuracy.pt; see "
+                         f"{cache / (name + '.log')}")
     pairs = Path(args.data_root) / "pairsDevTest.txt"
     curve = []
     for share in (*SNAPSHOT_SHARES, 1.0):
@@ -135,7 +140,10 @@ def view1(args, recipe, state, state_path, cache, bar):
                                                 Path(args.data_root) / "pairs.txt", out),
              state, state_path, cache)
     timing = read_json(out / "results.json")
-    return {"accuracy": final["kfold"]["mean"], "std": final["kfold"]["std"],
+    run = read_json(run_dir / "config.json")
+    return {"train_people": run["train_people"], "val_people": run["val_people"],
+            "train_threads": run["threads"], "view2_eval_images": timing["images"],
+            "view2_eval_pairs": timing["n_pairs"],"accuracy": final["kfold"]["mean"], "std": final["kfold"]["std"],
             "stderr": final["kfold"]["stderr"], "auc": final["auc"], "eer": final["eer"],
             "tar@far=1e-2": final["tar@far=1e-2"], "tar@far=1e-3": final["tar@far=1e-3"],
             "contaminated": final["contaminated"],
@@ -179,12 +187,16 @@ def view2(args, recipe, state, state_path, cache, bar):
 def table(results):
     """The markdown table: no hand-typed numbers anywhere."""
     b = results
-    lines = [f"Budget: {b['minutes']:g} minutes of training per recipe on {b['machine']['threads']} "
-             f"CPU threads ({b['machine']['cpu']}), from scratch, LFW only. Reproduce with "
+    threads = sorted({r["train_threads"] for r in b["view1"].values()}) or [b["machine"]["threads"]]
+    lines = [f"Budget: {b['minutes']:g} minutes of training per recipe on "
+             f"{'/'.join(map(str, threads))} CPU threads ({b['machine']['cpu']}), from scratch, "
+             "LFW only. Reproduce with "
              f"`{b['command']}` (commit `{b['git_commit'][:10]}`).", ""]
     if b["view1"]:
-        lines += ["**View 1**: trained on the 4,038 people of `peopleDevTrain.txt`, tested on the "
-                  "1,000 pairs of `pairsDevTest.txt` (no test person seen in training); "
+        r0 = next(iter(b["view1"].values()))
+        lines += [f"**View 1**: trained on {r0['train_people']:,} people of `peopleDevTrain.txt` "
+                  f"(the other {r0['val_people']:,} give the validation pairs), tested on the "
+                  "pairs of `pairsDevTest.txt` (no test person seen in training); "
                   "10-fold threshold cross-validation, mean ± std.", "",
                   "| recipe | accuracy | AUC | EER | TAR@FAR=1e-2 | TAR@FAR=1e-3 | "
                   + " | ".join(f"acc. @ {m:g} min" for m in b["curve_minutes"]) + " |",
@@ -212,7 +224,8 @@ def table(results):
     for name, r in b["view1"].items():
         lines += [f"| train `{name}` | {r['train_images_per_s']:.0f} images/s |",
                   f"| embed `{name}` | {r['embed_images_per_s']:.0f} images/s |",
-                  f"| View 2 evaluation `{name}` (7,701 images, 6,000 pairs) | "
+                  f"| View 2 evaluation `{name}` ({r['view2_eval_images']:,} images, "
+                  f"{r['view2_eval_pairs']:,} pairs) | "
                   f"{r['view2_eval_seconds']:.1f} s |"]
     lines.append(f"| peak memory (largest step) | {s['peak_rss_mb']:.0f} MB |")
     return "\n".join(lines) + "\n"
@@ -254,14 +267,6 @@ def plot(results, out):
     ax.set_title("View 1 DevTest ROC"), ax.legend(), fig.tight_layout()
     fig.savefig(out / "roc_view1.png", dpi=100)
     plt.close(fig)
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=HERE, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def cpu_model():

@@ -18,9 +18,8 @@ from torchvision.io import encode_jpeg
 from tqdm import tqdm
 
 import faces
+from dataset import IMAGE_SUFFIXES
 from runtime import pick_device, set_threads
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def parse_args(argv):

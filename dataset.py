@@ -196,6 +196,9 @@ def make_split(image_dir, protocol_dir, split="view1", seed=0, val_fraction=0.1,
             train_names = set(people) - test_names
     elif split == "view2":
         folds = parse_people(protocol_dir / "people.txt")
+        if not 0 <= fold < len(folds):
+            raise ProtocolError(f"{protocol_dir / 'people.txt'}: has folds 0-{len(folds) - 1}, "
+                                f"not {fold}; pass --fold in that range")
         train_names = set().union(*(f for k, f in enumerate(folds) if k != fold))
         test = pairs_to_paths([p for p in parse_pairs(protocol_dir / "pairs.txt") if p[5] == fold],
                               image_dir)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import dataset as ds
 import metrics
 import model as m
-from runtime import pick_device, set_threads
+from runtime import autocast, pick_device, set_threads
 
 SCORE_CHUNK = 8192  # pairs scored per call: bounds memory with 4096-d Koch embeddings
 N_ERRORS = 8        # worst false accepts and false rejects shown in errors.png
@@ -58,21 +58,6 @@ def parse_args(argv):
                    help="View 2, one fold as the test set: the threshold is chosen on the other "
                         "folds' pairs and the figures are for this fold's pairs alone")
     return p.parse_args(argv)
-
-
-def load(path, device):
-    try:
-        return m.load_checkpoint(path, device)
-    except FileNotFoundError as e:
-        raise EvalError(str(e)) from None
-    except Exception as e:  # torch.load fails in many ways on a truncated or foreign file
-        if isinstance(e, RuntimeError) and "state_dict" in str(e):  # model.py changed since
-            raise EvalError(f"{path}: its weights do not fit the network model.py builds for its "
-                            "model_config; evaluate it with the version of model.py it was "
-                            "trained with (see its git_commit)") from None
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-        raise EvalError(f"{path}: not a readable checkpoint ({type(e).__name__}: {detail}); "
-                        "pass a best_*.pt written by trainer2.py") from None
 
 
 def choose_data(arg, ckpt):
@@ -257,8 +242,9 @@ def print_summary(results):
         f"AUC         {r['auc']:.4f}",
         f"EER         {r['eer']:.4f}",
         f"TAR@FAR     {r['tar@far=1e-2']:.4f} at 1e-2, {r['tar@far=1e-3']:.4f} at 1e-3",
-        f"threshold   {at['threshold']:.4g} (median of the folds'): accuracy {at['accuracy']:.4f}, "
-        f"precision {at['precision']:.4f}, recall {at['recall']:.4f}, F1 {at['f1']:.4f}",
+        f"out-of-fold each pair at its fold's threshold (median {at['threshold']:.4g}): accuracy "
+        f"{at['accuracy']:.4f}, precision {at['precision']:.4f}, recall {at['recall']:.4f}, "
+        f"F1 {at['f1']:.4f} (\"same\" class)",
     ]
     if "at_validation_threshold" in r:
         v = r["at_validation_threshold"]
@@ -284,7 +270,7 @@ def evaluate(args):
     start = time.perf_counter()
     device = pick_device(args.device)
     set_threads()
-    net, ckpt = load(args.checkpoint, device)
+    net, ckpt = m.load_checkpoint(args.checkpoint, device)
     cfg = ckpt["model_config"]
     pairs = ds.parse_pairs(args.pairs)
     data, data_source = choose_data(args.data, ckpt)
@@ -295,9 +281,10 @@ def evaluate(args):
                         f"{len(pairs)} pairs remain and they are not both same and different; "
                         f"crop the missing images into {data} with `python crop_dataset_to_faces.py`")
     folds, protocol = pair_folds(pairs)
-    if args.fold is not None and args.fold not in set(folds.tolist()):
-        raise EvalError(f"{args.pairs}: has no fold {args.fold}; --fold needs a pairs file with "
-                        "official folds (pairs.txt has 0-9)")
+    if args.fold is not None and ("official" not in protocol or
+                                  args.fold not in set(folds.tolist())):
+        raise EvalError(f"{args.pairs}: has no official fold {args.fold}; --fold needs a pairs "
+                        "file with official folds (pairs.txt has 0-9)")
 
     # Embed every unique image once; pairs only index into the cached embeddings.
     paths = pair_paths(pairs, data)
@@ -310,9 +297,7 @@ def evaluate(args):
     t1 = time.perf_counter()
     transform = ds.eval_transform()
     # Embed in the precision the model was trained and validated in (bf16 on CPU is ~2x faster).
-    amp = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                         enabled=bool(ckpt.get("config", {}).get("mixed_precision")))
-    with amp:
+    with autocast(ckpt.get("config", {}).get("mixed_precision"), device):
         emb = torch.cat([m.embed_images(net, images[i:i + args.batch_size], transform,
                                         args.batch_size, device, args.flip)
                          for i in tqdm(range(0, len(unique), args.batch_size), desc="embed",
@@ -368,7 +353,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return evaluate(args)
-    except (EvalError, ds.ProtocolError) as e:
+    except (EvalError, ds.ProtocolError, m.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

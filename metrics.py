@@ -130,20 +130,37 @@ def balanced_folds(labels, n_folds=10):
     return folds
 
 
+def out_of_fold_metrics(scores, labels, folds, thresholds):
+    """Accuracy and "same"-class precision/recall/F1 of the pooled out-of-fold decisions: each
+    pair judged at the threshold fitted without its fold, so no pair helps choose its own."""
+    scores, labels = _as_arrays(scores, labels)
+    folds = np.asarray(folds).ravel()
+    cut = np.array([thresholds[k] for k in np.searchsorted(np.unique(folds), folds)])
+    predicted = (scores >= cut).astype(np.int64)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predicted, average="binary", pos_label=1, zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, predicted)), "precision": float(precision),
+            "recall": float(recall), "f1": float(f1)}
+
+
 def summary(scores, labels, folds=None, threshold=None):
     """Everything a report needs, as JSON-serialisable Python values.
 
-    ``at_threshold`` is evaluated at ``threshold`` if given, else at the k-fold threshold.
+    ``at_threshold`` is evaluated at ``threshold`` if given; else it holds the out-of-fold
+    decisions (each fold at its own threshold) and, as ``threshold``, the folds' median.
     """
     scores, labels = _as_arrays(scores, labels)
     if folds is None:
         folds = balanced_folds(labels)
     kfold = kfold_accuracy(scores, labels, folds)
     if threshold is None:
-        threshold = kfold["threshold"]
+        at = {**out_of_fold_metrics(scores, labels, folds, kfold["thresholds"]),
+              "threshold": kfold["threshold"]}
+    else:
+        at = threshold_metrics(scores, labels, threshold)
     n_same = int(labels.sum())
     return {"n_pairs": int(len(labels)), "n_same": n_same, "n_diff": int(len(labels) - n_same),
             "auc": roc_auc(scores, labels), "eer": eer(scores, labels),
             "tar@far=1e-2": tar_at_far(scores, labels, 1e-2),
             "tar@far=1e-3": tar_at_far(scores, labels, 1e-3),
-            "kfold": kfold, "at_threshold": threshold_metrics(scores, labels, threshold)}
+            "kfold": kfold, "at_threshold": at}

@@ -22,6 +22,10 @@ class PretrainedWeightsMissing(RuntimeError):
     pass
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit this model.py; one clear line."""
+
+
 # ------------------------------------------------------------------------------ backbones
 
 class KochNet(nn.Module):
@@ -216,12 +220,16 @@ def embed_images(net, images, transform, batch_size=256, device="cpu", flip=Fals
 
 
 @torch.no_grad()
-def score_faces(net, image_size, face_a, face_b, flip=False):
-    """Score of two aligned uint8 face crops with a trained net (higher = same person)."""
+def score_faces(net, image_size, face_a, face_b, flip=False, amp=False):
+    """Score of two aligned uint8 face crops with a trained net (higher = same person).
+    amp: embed in the mixed precision the net was validated in, so the score matches its
+    threshold."""
     import dataset  # the input pipeline lives there; imported here to keep model.py light
+    from runtime import autocast
     faces = torch.stack([dataset.fit(face_a, image_size), dataset.fit(face_b, image_size)])
     device = next(net.parameters()).device
-    e = embed_images(net, faces, dataset.eval_transform(), device=device, flip=flip)
+    with autocast(amp, device):
+        e = embed_images(net, faces, dataset.eval_transform(), device=device, flip=flip)
     return float(net.score(e[:1].to(device), e[1:].to(device)))
 
 
@@ -259,14 +267,34 @@ def build_model(cfg, pretrained=None):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Rebuild a network from a checkpoint alone. Returns (net in eval mode, checkpoint)."""
+    """Rebuild a network from a checkpoint alone. Returns (net in eval mode, checkpoint), or
+    raises CheckpointError with one line that names the file and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint; train one with `python trainer2.py`")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    net = build_model(ckpt["model_config"], pretrained=False)
-    net.load_state_dict(ckpt["model"])
+        raise CheckpointError(f"{path}: no such checkpoint; train one with `python trainer2.py`")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        net = build_model(ckpt["model_config"], pretrained=False)
+    except Exception as e:  # torch.load fails in many ways on a truncated or foreign file
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                              f"{detail}); pass a best_*.pt written by trainer2.py") from None
+    try:
+        net.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError):
+        raise CheckpointError(f"{path}: its weights do not fit the network model.py builds for "
+                              "its model_config; use the version of model.py it was trained "
+                              f"with (commit {ckpt.get('git_commit', 'unknown')})") from None
     return net.to(device).eval(), ckpt
+
+
+def require_aligned_faces(ckpt, path):
+    """verify.py and the demo feed aligned face crops; a net trained on whole photos
+    (trainer.py) would give meaningless scores there."""
+    if not ckpt.get("config", {}).get("aligned_faces", True):
+        raise CheckpointError(f"{path}: trained on whole photos (aligned_faces=False, as "
+                              "trainer.py does), but faces are aligned here; use a trainer2.py "
+                              "checkpoint")
 
 
 # ------------------------------------------------------------------------------ losses

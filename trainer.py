@@ -13,6 +13,7 @@ val_fraction = 0.1             # share of training people held out for validatio
 val_pairs = 1000               # fixed validation pairs (half same, half different)
 image_size = 105               # input side in pixels: the paper's 105 (photos are resized)
 cache_images = True            # decode every image once and keep it in memory
+aligned_faces = False          # data_dir holds aligned face crops (verify.py and the demo need them)
 augment_p = 0.5                # probability of the random crop and of the colour jitter
 num_workers = 0                # DataLoader worker processes (0: in the training process)
 # ---- model

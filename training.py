@@ -9,10 +9,8 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ import dataset as ds
 import metrics
 from model import (MODEL_KEYS, ArcFace, PretrainedWeightsMissing, batch_hard_triplet_loss,
                    bce_loss, build_model, contrastive_loss, embed_images)
-from runtime import free_cores, pick_device, seed_everything, set_threads
+from runtime import autocast, free_cores, git_commit, pick_device, seed_everything, set_threads
 
 METRICS = ("accuracy", "precision", "recall", "f1", "auc", "loss")  # one best_*.pt each
 CSV_FIELDS = ("epoch", "step", "minutes", "lr", "train_loss", "loss", "accuracy", "precision",
@@ -79,6 +77,7 @@ def apply_overrides(config, argv):
 
 def check_config(cfg):
     choices = {"model": ("koch", "compact", "resnext"),
+               "init": ("default", "kaiming", "xavier", "koch"),
                "loss": ("bce", "contrastive", "triplet", "arcface"),
                "distance": ("l1", "cosine"), "optimizer": ("adam", "sgd"),
                "split": ("view1", "view2", "random"), "activation": ("sigmoid", "relu"),
@@ -164,7 +163,9 @@ def epoch_loader(cfg, train, labels, bank, transform, epoch, rank, world):
         paths = [p for n in sorted(train) for p in train[n]]
         data = ds.ImageDataset(paths, [labels[p.parent.name] for p in paths], bank, transform)
     else:
-        batches = ds.identity_batches(train, cfg["batch_size"], cfg["per_person"], seed)
+        # batch_size is global, as for the other losses: each rank takes its share of people.
+        batches = ds.identity_batches(train, max(cfg["per_person"] * 2, cfg["batch_size"] // world),
+                                      cfg["per_person"], seed)
         batches = batches[:len(batches) // world * world]
         paths = [p for b in batches for p in b]
         data = ds.ImageDataset(paths, [labels[p.parent.name] for p in paths], bank, transform)
@@ -194,7 +195,7 @@ def validate(net, cfg, val_pairs, bank, device):
     paths = sorted({p for a, b, _ in val_pairs for p in (a, b)})
     index = {p: i for i, p in enumerate(paths)}
     images = torch.stack([bank[p] for p in paths])
-    with autocast(cfg, device):
+    with autocast(cfg["mixed_precision"], device):
         emb = embed_images(net, images, ds.eval_transform(), cfg["batch_size"], device)
     a = torch.tensor([index[p] for p, _, _ in val_pairs])
     b = torch.tensor([index[p] for _, p, _ in val_pairs])
@@ -214,26 +215,12 @@ def validate(net, cfg, val_pairs, bank, device):
     return row
 
 
-def autocast(cfg, device):
-    if not cfg["mixed_precision"]:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
-
-
 # ------------------------------------------------------------------ checkpoints and logs
 
 def save_atomic(obj, path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def plot_curves(rows, path):
@@ -280,15 +267,22 @@ def improved(name, value, best):
 
 def main(namespace, argv=None):
     """Entry point for the trainer files: their globals are the defaults."""
-    cfg = apply_overrides(hyperparameters(namespace), sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = hyperparameters(namespace)
+    cfg = apply_overrides(defaults, argv)
     if cfg.get("resume"):
-        saved = json.loads((Path(cfg["resume"]) / "config.json").read_text())["config"]
-        given = apply_overrides(hyperparameters(namespace), [])  # only explicit overrides win
-        cfg = {**saved, **{k: v for k, v in cfg.items() if v != given[k]}}
+        saved_path = Path(cfg["resume"]) / "config.json"
+        if not (Path(cfg["resume"]) / "last.pt").is_file() or not saved_path.is_file():
+            raise SystemExit(f"error: {cfg['resume']}: no last.pt and config.json to resume from; "
+                             "pass the logs/<run> folder of an earlier run")
+        saved = json.loads(saved_path.read_text())["config"]
+        given = {arg.removeprefix("--").partition("=")[0] for arg in argv}
+        # Defaults for names added since, the saved run, then what this command line says.
+        cfg = {**defaults, **saved, **{k: cfg[k] for k in given}}
     check_config(cfg)
     try:
         return train(cfg)
-    except (ds.ProtocolError, PretrainedWeightsMissing) as e:
+    except (ValueError, PretrainedWeightsMissing) as e:  # ProtocolError, bad sizes or inits
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -299,8 +293,10 @@ def train(cfg):
     # Threads: as asked, else the free cores shared out between the local processes.
     threads = set_threads(cfg["threads"] or max(1, free_cores() // world))
     seed_everything(cfg["seed"] + rank)
+    # A bare run_name goes under logs/; one with a folder in it is a path as given.
+    name = cfg["run_name"] or f"{cfg['model']}-{cfg['loss']}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg["resume"]) if cfg["resume"] else \
-        Path("logs") / (cfg["run_name"] or f"{cfg['model']}-{cfg['loss']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        Path(name) if ("/" in name or Path(name).is_absolute()) else Path("logs") / name
     if not cfg["resume"] and (run_dir / "last.pt").exists():
         raise SystemExit(f"error: {run_dir} already holds a run; continue it with "
                          f"--resume={run_dir} or choose another --run_name")
@@ -336,9 +332,11 @@ def train(cfg):
         if ema is not None:
             ema.load_state_dict(last["ema"])
         state = last["state"]
-        torch.set_rng_state(last["rng"]["torch"])
+        torch.set_rng_state(last["rng"]["torch"].cpu())  # map_location may have moved it
         version, internal, gauss = last["rng"]["python"]
         random.setstate((version, tuple(internal), gauss))
+        if world > 1:  # only rank 0's RNG was saved; give every rank its own stream again
+            seed_everything(cfg["seed"] + rank + 7919 * state["epoch"])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     if main_rank:
@@ -416,19 +414,21 @@ def train(cfg):
     total_steps = max(1, steps_per_epoch * cfg["epochs"])
     start = time.time() - state["minutes"] * 60
     stopped = False
-    model.train()
+    losses, seen, t0 = [], 0, time.time()  # since the last evaluation
+    first_step = state["step"]  # the budget is checked only after a step, so a run always
+    model.train()               # ends with something to evaluate
     try:
         while state["epoch"] < cfg["epochs"] and not stopped:
             loader = epoch_loader(cfg, train_people, labels, bank, transform, state["epoch"],
                                   rank, world)
-            losses, seen, t0 = [], 0, time.time()
             bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg['epochs']}",
                        disable=not main_rank, leave=False, unit="batch")
             for batch in bar:
                 progress, out_of_time = broadcast([
                     max(state["step"] / total_steps,
                         (time.time() - start) / budget if budget else 0.0),
-                    float(budget is not None and time.time() - start > budget)], device)
+                    float(budget is not None and state["step"] > first_step
+                          and time.time() - start > budget)], device)
                 if out_of_time:
                     stopped = True
                     break
@@ -438,7 +438,7 @@ def train(cfg):
                              for t in unpack(batch, cfg["loss"]))
                 if cfg["channels_last"]:
                     x1 = x1.contiguous(memory_format=torch.channels_last)
-                with autocast(cfg, device):
+                with autocast(cfg["mixed_precision"], device):
                     loss = ddp(x1, x2, y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -461,6 +461,7 @@ def train(cfg):
             last_epoch = state["epoch"] == cfg["epochs"] or stopped
             if losses and (state["epoch"] % cfg["calc_metrics_interval"] == 0 or last_epoch):
                 stopped |= evaluate_and_save(float(np.mean(losses)), seen / (time.time() - t0))
+                losses, seen, t0 = [], 0, time.time()
             save_last()
     except KeyboardInterrupt:
         if main_rank:

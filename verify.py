@@ -48,20 +48,6 @@ def find_checkpoint(arg):
     return path
 
 
-def load(path, device):
-    try:
-        return m.load_checkpoint(path, device)
-    except FileNotFoundError as e:
-        raise VerifyError(str(e)) from None
-    except Exception as e:  # torch.load fails in many ways on a truncated or foreign file
-        if isinstance(e, RuntimeError) and "state_dict" in str(e):  # model.py changed since
-            raise VerifyError(f"{path}: its weights do not fit the network model.py builds for "
-                              "its model_config; use the version of model.py it was trained "
-                              "with (see its git_commit)") from None
-        raise VerifyError(f"{path}: not a readable checkpoint ({type(e).__name__}); pass a "
-                          "best_*.pt written by trainer2.py") from None
-
-
 def face(detector, path, image):
     """The aligned face of one photo, or a FaceError naming the file."""
     try:
@@ -76,14 +62,16 @@ def verify(args):
     images = [faces.read_image(p) for p in (args.image_a, args.image_b)]  # cheap checks first
     device = pick_device(args.device)
     set_threads()
-    net, ckpt = load(path, device)
+    net, ckpt = m.load_checkpoint(path, device)
+    m.require_aligned_faces(ckpt, path)
     detector = faces.load_detector(device)
     (crop_a, info_a), (crop_b, info_b) = [face(detector, p, img) for p, img in
                                           zip((args.image_a, args.image_b), images)]
     warnings = [f"{p}: {info['n_faces']} faces found; used the largest"
                 for p, info in ((args.image_a, info_a), (args.image_b, info_b))
                 if info["n_faces"] > 1]
-    score = m.score_faces(net, ckpt["model_config"]["image_size"], crop_a, crop_b)
+    score = m.score_faces(net, ckpt["model_config"]["image_size"], crop_a, crop_b,
+                          amp=ckpt["config"].get("mixed_precision", False))
     threshold = ckpt["threshold"] if args.threshold is None else args.threshold
     same = score >= threshold
     return {"verdict": "same person" if same else "different people", "same": bool(same),
@@ -97,8 +85,12 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         result = verify(args)
-    except (VerifyError, faces.FaceError) as e:
+    except (VerifyError, faces.FaceError, m.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # any other failure is an error too, never a verdict (exit 1)
+        print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+              file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))

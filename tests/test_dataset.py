@@ -183,3 +183,10 @@ def test_pair_dataset_gives_normalised_tensors_and_labels(tmp_path):
     assert label.item() == 0.0 and len(data) == 2
     plain = ds.eval_transform()(bank[paths[0]])
     assert plain.mean().abs() < 3 and not torch.equal(plain, bank[paths[0]].float())
+
+
+def test_view2_fold_out_of_range_is_a_clear_error(tmp_path):
+    write_people(tmp_path / "images", {"A": 2, "B": 2}, size=16)
+    (tmp_path / "people.txt").write_text("2\n1\nA\t2\n1\nB\t2\n")
+    with pytest.raises(ds.ProtocolError, match=r"people.txt: has folds 0-1, not 10"):
+        ds.make_split(tmp_path / "images", tmp_path, split="view2", fold=10)

@@ -104,15 +104,20 @@ def test_report_matches_hand_and_sklearn():
         accuracy_score(labels, scores >= 0.65)
 
 
-def test_planted_scores_reach_results_json(tiny, tmp_path, capsys, monkeypatch):
-    """The same planted scores through main(): a 10-fold file of training people, so it is
-    also contaminated."""
-    root, ckpt = tiny
+def planted_pairs_file(tmp_path):
+    """A 10-fold pairs file of training people, laid out like planted()'s scores."""
     names = sorted(n for n in TRAIN if TRAIN[n] >= 2)
     folds = [([(names[(k + i) % 16], 1, 2) for i in range(5)],
               [(names[(k + i) % 16], 1, names[(k + i + 1) % 16], 3) for i in range(5)])
              for k in range(10)]
-    pairs = write_pairs(tmp_path / "pairs.txt", folds)
+    return write_pairs(tmp_path / "pairs.txt", folds)
+
+
+def test_planted_scores_reach_results_json(tiny, tmp_path, capsys, monkeypatch):
+    """The same planted scores through main(): a 10-fold file of training people, so it is
+    also contaminated."""
+    root, ckpt = tiny
+    pairs = planted_pairs_file(tmp_path)
     scores, labels, _ = planted()
     monkeypatch.setattr(evaluate, "score_pairs", lambda *a: scores.copy())
     code, out, _ = run(capsys, ckpt, "--pairs", pairs, "--out", tmp_path / "out")
@@ -132,11 +137,7 @@ def test_one_fold_as_test_set_takes_its_threshold_from_the_other_folds(tiny, tmp
     """--fold 0 on the planted scores: every other fold puts the threshold at 0.5, so fold 0
     scores 9/10 (its planted false reject), and only fold 0's pairs are reported."""
     root, ckpt = tiny
-    names = sorted(n for n in TRAIN if TRAIN[n] >= 2)
-    folds = [([(names[(k + i) % 16], 1, 2) for i in range(5)],
-              [(names[(k + i) % 16], 1, names[(k + i + 1) % 16], 3) for i in range(5)])
-             for k in range(10)]
-    pairs = write_pairs(tmp_path / "pairs.txt", folds)
+    pairs = planted_pairs_file(tmp_path)
     scores, labels, _ = planted()
     monkeypatch.setattr(evaluate, "score_pairs", lambda *a: scores.copy())
     code, out, _ = run(capsys, ckpt, "--pairs", pairs, "--out", tmp_path / "out", "--fold", 0)
@@ -149,7 +150,7 @@ def test_one_fold_as_test_set_takes_its_threshold_from_the_other_folds(tiny, tmp
     assert len(rows) == 11 and rows[0].startswith("name_a,number_a")
     assert "fold 0   accuracy 0.9000" in out
     code, _, err = run(capsys, ckpt, "--pairs", pairs, "--out", tmp_path / "o2", "--fold", 12)
-    assert code == 1 and "has no fold 12" in err
+    assert code == 1 and "has no official fold 12" in err
 
 
 # ---------------------------------------------------------------- folds
@@ -310,3 +311,9 @@ def test_bad_checkpoint_or_pairs_is_one_clear_line(tiny, tmp_path, capsys):
     code, _, err = run(capsys, ckpt, "--pairs", tmp_path / "bad.txt")
     assert code == 1 and "bad.txt" in err and "re-fetch" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_fold_needs_a_file_with_official_folds(tiny, capsys):
+    root, ckpt = tiny
+    code, _, err = run(capsys, ckpt, "--pairs", root / "pairsDevTest.txt", "--fold", 3)
+    assert code == 1 and "has no official fold 3" in err

@@ -165,3 +165,15 @@ def test_ties_pick_middle_of_first_best_run():
     # and 2.5 all get 4/6 right; the middle one is returned.
     scores, labels = [0, 1, 1, 2, 2, 3], [0, 1, 0, 1, 0, 1]
     assert metrics.best_threshold(scores, labels) == 1.5
+
+
+def test_out_of_fold_decisions_use_each_folds_own_threshold():
+    # Fold 0's threshold (fit on fold 1) is 0.5, fold 1's (fit on fold 0) is 0.15: a pair
+    # scoring 0.3 is "same" in fold 1 but "different" in fold 0.
+    scores = np.array([0.6, 0.3, 0.1, 0.2, 0.3, 0.6])
+    labels = np.array([1, 0, 0, 1, 1, 0])
+    folds = np.array([0, 0, 0, 1, 1, 1])
+    got = metrics.out_of_fold_metrics(scores, labels, folds, [0.5, 0.15])
+    predicted = np.array([1, 0, 0, 1, 1, 1])
+    assert got["accuracy"] == pytest.approx((predicted == labels).mean())
+    assert got["precision"] == pytest.approx(3 / 4) and got["recall"] == pytest.approx(1.0)

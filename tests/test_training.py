@@ -212,3 +212,38 @@ def test_ddp_with_two_gloo_processes(synthetic_lfw, tmp_path):
     assert [int(r["epoch"]) for r in rows(run_dir)] == [1, 2]  # rank 0 alone logs
     for name in FILES:
         assert (run_dir / name).is_file(), name
+
+
+def test_resume_fills_new_settings_and_keeps_explicit_overrides(trained):
+    root, run_dir = trained
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["config"]["snapshot_minutes"]  # a run saved before this setting existed
+    (run_dir / "config.json").write_text(json.dumps(config))
+    # --lr=0.1 equals trainer2's default but differs from the run's 0.05: it must still win.
+    assert training.main(vars(trainer2), [f"--resume={run_dir}", "--epochs=4", "--lr=0.1"]) == 0
+    resumed = json.loads((run_dir / "config.json").read_text())["config"]
+    assert resumed["epochs"] == 4 and resumed["lr"] == 0.1 and resumed["snapshot_minutes"] == ""
+    assert resumed["image_size"] == 32  # the saved run's own settings stay
+    assert [int(r["epoch"]) for r in rows(run_dir)] == [1, 2, 3, 4]
+
+
+def test_resume_from_a_folder_without_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no last.pt and config.json to resume from"):
+        training.main(vars(trainer2), [f"--resume={tmp_path}"])
+
+
+def test_bad_model_settings_are_one_line(synthetic_lfw, tmp_path, capsys):
+    code = training.main(vars(trainer2), tiny_args(synthetic_lfw, tmp_path / "k", model="koch",
+                                                   image_size=40))
+    err = capsys.readouterr().err
+    assert code == 1 and "image_size=40 is too small for KochNet" in err
+    with pytest.raises(SystemExit, match="init='fancy' is not one of"):
+        training.main(vars(trainer2), tiny_args(synthetic_lfw, tmp_path / "i", init="fancy"))
+
+
+def test_run_name_with_a_folder_is_a_path(synthetic_lfw, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert training.main(vars(trainer2), tiny_args(synthetic_lfw, "runs/mine", epochs=1)) == 0
+    assert (tmp_path / "runs" / "mine" / "last.pt").is_file()
+    assert training.main(vars(trainer2), tiny_args(synthetic_lfw, "plain", epochs=1)) == 0
+    assert (tmp_path / "logs" / "plain" / "last.pt").is_file()

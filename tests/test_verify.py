@@ -120,3 +120,21 @@ def test_newest_checkpoint_and_list_checkpoints(setup, tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)
     code, out, _ = run(capsys, setup["face"], setup["face"], "--threshold", -1e9, "--json")
     assert code == 0 and json.loads(out)["checkpoint"] == "logs/new/best_accuracy.pt"
+
+
+def test_any_other_failure_is_exit_2_never_a_verdict(setup, capsys, monkeypatch):
+    import faces
+
+    def broken(*a, **k):
+        raise RuntimeError("detector weights unreadable")
+    monkeypatch.setattr(faces, "load_detector", broken)
+    code, out, err = run(capsys, setup["face"], setup["face"], "--checkpoint", setup["ckpt"])
+    assert code == 2 and out == "" and "RuntimeError: detector weights unreadable" in err
+
+
+def test_a_whole_photo_model_is_refused(setup, tmp_path, capsys):
+    ckpt = torch.load(setup["ckpt"], weights_only=True)
+    ckpt["config"]["aligned_faces"] = False  # as trainer.py writes them
+    torch.save(ckpt, tmp_path / "photos.pt")
+    code, _, err = run(capsys, setup["face"], setup["face"], "--checkpoint", tmp_path / "photos.pt")
+    assert code == 2 and "trained on whole photos" in err and "trainer2.py checkpoint" in err
