@@ -77,7 +77,8 @@ def run_step(name, cmd, state, state_path, log_dir):
         raise SystemExit(f"error: step {name} failed (exit {done.returncode}): {tail[0]}; "
                          f"full log in {log}. Fix it and run the benchmark again: finished "
                          "steps are kept")
-    state[name] = {"seconds": time.time() - t0, "log": str(log)}
+    # The commit that ran the step: cached steps keep theirs when later code reruns the rest.
+    state[name] = {"seconds": time.time() - t0, "log": str(log), "commit": git_commit()}
     state_path.write_text(json.dumps(state, indent=2))
     return state[name]
 
@@ -191,7 +192,8 @@ def table(results):
     lines = [f"Budget: {b['minutes']:g} minutes of training per recipe on "
              f"{'/'.join(map(str, threads))} CPU threads ({b['machine']['cpu']}), from scratch, "
              "LFW only. Reproduce with "
-             f"`{b['command']}` (commit `{b['git_commit'][:10]}`).", ""]
+             f"`{b['command']}`; numbers made by commit "
+             + ", ".join(f"`{c[:10]}`" for c in b["step_commits"]) + ".", ""]
     if b["view1"]:
         r0 = next(iter(b["view1"].values()))
         lines += [f"**View 1**: trained on {r0['train_people']:,} people of `peopleDevTrain.txt` "
@@ -222,8 +224,9 @@ def table(results):
               "| step | figure |", "| --- | --- |",
               f"| crop (MTCNN, batched) | {s['crop_images_per_s']:.1f} images/s |"]
     for name, r in b["view1"].items():
+        flip = " (each image and its mirror)" if "--flip" in RECIPES[name]["eval"] else ""
         lines += [f"| train `{name}` | {r['train_images_per_s']:.0f} images/s |",
-                  f"| embed `{name}` | {r['embed_images_per_s']:.0f} images/s |",
+                  f"| embed `{name}`{flip} | {r['embed_images_per_s']:.0f} images/s |",
                   f"| View 2 evaluation `{name}` ({r['view2_eval_images']:,} images, "
                   f"{r['view2_eval_pairs']:,} pairs) | "
                   f"{r['view2_eval_seconds']:.1f} s |"]
@@ -324,6 +327,7 @@ def main(argv=None):
 
     command = "python benchmark.py " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
     results.update({
+        "step_commits": sorted({s.get("commit", "unknown") for s in state.values()}),
         "command": command.strip(), "minutes": args.minutes, "recipes": recipes,
         "recipe_overrides": {r: RECIPES[r] for r in recipes}, "protocols": protocols,
         "curve_minutes": [args.minutes * s for s in (*SNAPSHOT_SHARES, 1.0)],
