@@ -78,7 +78,8 @@ def run_step(name, cmd, state, state_path, log_dir):
                          f"full log in {log}. Fix it and run the benchmark again: finished "
                          "steps are kept")
     # The commit that ran the step: cached steps keep theirs when later code reruns the rest.
-    state[name] = {"seconds": time.time() - t0, "log": str(log), "commit": git_commit()}
+    state[name] = {"seconds": time.time() - t0, "log": str(log), "commit": git_commit(),
+                   "peak_rss_mb": peak_rss_mb()}
     state_path.write_text(json.dumps(state, indent=2))
     return state[name]
 
@@ -95,6 +96,11 @@ def train_cmd(args, recipe, run_dir, minutes, extra):
 def eval_cmd(args, recipe, ckpt, pairs, out, fold=None):
     return ["evaluate.py", ckpt, "--data", args.crops, "--pairs", pairs, "--out", out,
             *RECIPES[recipe]["eval"], *([] if fold is None else ["--fold", str(fold)])]
+
+
+def peak_rss_mb():
+    """Largest resident memory of any step run so far by this invocation."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def read_json(path):
@@ -335,7 +341,9 @@ def main(argv=None):
         "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
                     "python": platform.python_version()},
         "speed": {"crop_images_per_s": crop_speed,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
+                  # cached steps keep the figure of the run that made them
+                  "peak_rss_mb": max([peak_rss_mb()] + [s.get("peak_rss_mb", 0)
+                                                        for s in state.values()])},
         "wall_seconds_this_invocation": time.time() - started,
     })
     (out / "benchmark.json").write_text(json.dumps(results, indent=2))
