@@ -52,6 +52,16 @@ def write_view1_protocol(root, train_counts, test_counts, n_test_pairs=20, seed=
     (root / "pairsDevTest.txt").write_text("\n".join([str(n_test_pairs)] + matched + mismatched) + "\n")
 
 
+def tiny_args(root, run_dir, **kw):
+    """trainer2.py overrides for a seconds-long run on a synthetic LFW at root."""
+    args = {"data_dir": root / "images", "protocol_dir": root, "image_size": 32, "epochs": 3,
+            "batch_size": 16, "val_pairs": 40, "val_fraction": 0.25, "lr": 0.05,
+            "embedding_dim": 32, "threads": 1, "run_name": run_dir, "warmup_epochs": 0,
+            "max_minutes": 0}
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
 @pytest.fixture
 def synthetic_lfw(tmp_path):
     """A tiny LFW: 16 training people and 8 test people, images at root/images, protocol

@@ -14,7 +14,7 @@ import evaluate
 import model as m
 import training
 import trainer2
-from conftest import LFW_DIR, needs_lfw, write_people, write_view1_protocol
+from conftest import LFW_DIR, needs_lfw, tiny_args, write_people, write_view1_protocol
 
 OUTPUTS = ("results.json", "roc.png", "scores.png", "errors.png")
 TRAIN = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(16)}
@@ -28,10 +28,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lfw")
     write_people(root / "images", {**TRAIN, **TEST})
     write_view1_protocol(root, TRAIN, TEST)
-    args = {"data_dir": root / "images", "protocol_dir": root, "image_size": 32, "epochs": 2,
-            "batch_size": 16, "val_pairs": 40, "val_fraction": 0.25, "lr": 0.05,
-            "embedding_dim": 32, "threads": 1, "run_name": root / "run", "warmup_epochs": 0}
-    assert training.main(vars(trainer2), [f"--{k}={v}" for k, v in args.items()]) == 0
+    assert training.main(vars(trainer2), tiny_args(root, root / "run", epochs=2)) == 0
     return root, root / "run" / "best_accuracy.pt"
 
 

@@ -13,19 +13,11 @@ import dataset as ds
 import model as m
 import training
 import trainer2
+from conftest import tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["config.json", "metrics.csv", "curves.png", "last.pt"] + \
     [f"best_{k}.pt" for k in ("accuracy", "precision", "recall", "f1", "auc", "loss")]
-
-
-def tiny_args(root, run_dir, **kw):
-    args = {"data_dir": root / "images", "protocol_dir": root, "image_size": 32, "epochs": 3,
-            "batch_size": 16, "val_pairs": 40, "val_fraction": 0.25, "lr": 0.05,
-            "embedding_dim": 32, "threads": 1, "run_name": run_dir, "warmup_epochs": 0,
-            "max_minutes": 0}
-    args.update(kw)
-    return [f"--{k}={v}" for k, v in args.items()]
 
 
 def rows(run_dir):

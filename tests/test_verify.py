@@ -13,7 +13,7 @@ import model as m
 import training
 import trainer2
 import verify
-from conftest import write_people, write_view1_protocol
+from conftest import tiny_args, write_people, write_view1_protocol
 
 
 def jpeg(path, array):
@@ -33,10 +33,7 @@ def setup(tmp_path_factory):
     test = {f"Test_Person_{k:02d}": 3 for k in range(4)}
     write_people(root / "images", {**train, **test})
     write_view1_protocol(root, train, test)
-    args = {"data_dir": root / "images", "protocol_dir": root, "image_size": 32, "epochs": 1,
-            "batch_size": 16, "val_pairs": 40, "val_fraction": 0.25, "lr": 0.05,
-            "embedding_dim": 32, "threads": 1, "run_name": root / "run", "warmup_epochs": 0}
-    assert training.main(vars(trainer2), [f"--{k}={v}" for k, v in args.items()]) == 0
+    assert training.main(vars(trainer2), tiny_args(root, root / "run", epochs=1)) == 0
     face = astronaut()
     two = np.full((512, 768, 3), 200, np.uint8)
     two[:, :512] = face
