@@ -24,7 +24,7 @@ drop_layer4 = False            # resnext only: cut the last stage
 head_hidden = 1024             # resnext only: hidden size of the MLP head
 head_depth = 1                 # resnext only: layers in the MLP head
 activation = "sigmoid"         # resnext head: sigmoid or relu
-p = 0.4                        # dropout probability in the head (compact: before the embedding layer)
+p = 0.0                        # dropout probability in the head
 init = "kaiming"               # init of new layers: default, kaiming, xavier, koch
 channels_last = False          # NHWC memory format
 # ---- loss
