@@ -84,6 +84,19 @@ def run_step(name, cmd, state, state_path, log_dir):
     return state[name]
 
 
+def claim_run_dir(run_dir, out):
+    """Empty RUN_DIR for a step this cache has not finished (a crash leaves half a run), but never
+    delete a run that a benchmark with another --out (or a person) made there."""
+    run_dir, mark = Path(run_dir), Path(run_dir) / "benchmark_out.txt"
+    owner = mark.read_text().strip() if mark.exists() else None
+    if (run_dir / "config.json").exists() and owner != str(Path(out).resolve()):
+        raise SystemExit(f"error: {run_dir} holds a training run that this benchmark (--out "
+                         f"{out}) did not start; pass another --logs folder, or move the run away")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    mark.write_text(str(Path(out).resolve()))
+
+
 def train_cmd(args, recipe, run_dir, minutes, extra):
     shares = ",".join(f"{minutes * s:g}" for s in SNAPSHOT_SHARES)
     return ["trainer2.py", f"--data_dir={args.crops}", f"--protocol_dir={args.data_root}",
@@ -120,7 +133,7 @@ def view1(args, recipe, state, state_path, cache, bar):
     run_dir = Path(args.logs) / f"bench-view1-{recipe}"
     name = f"view1-{recipe}-train"
     if name not in state:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run of ours: start over
+        claim_run_dir(run_dir, args.out)
     run_step(name, train_cmd(args, recipe, run_dir, args.minutes, ["--split=view1"]), state,
              state_path, cache)
     bar.update()
@@ -170,7 +183,7 @@ def view2(args, recipe, state, state_path, cache, bar):
         run_dir = Path(args.logs) / f"bench-view2-{recipe}-fold{k}"
         name = f"view2-{recipe}-fold{k}-train"
         if name not in state:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            claim_run_dir(run_dir, args.out)
         run_step(name, train_cmd(args, recipe, run_dir, args.minutes / 10,
                                  ["--split=view2", f"--fold={k}"]), state, state_path, cache)
         out = cache / f"view2-{recipe}-fold{k}"

@@ -101,3 +101,17 @@ def test_view2_splits_keep_every_fold_disjoint(lfw_root):
         seen = set(s["train"]) | set(s["val_people"])
         test = {Path(p).parent.name for a, b, _ in s["test_pairs"] for p in (a, b)}
         assert len(s["test_pairs"]) == 600 and not seen & test, k
+
+
+def test_a_run_another_benchmark_made_is_never_deleted(tmp_path):
+    run = tmp_path / "logs" / "bench-view1-best"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "best_accuracy.pt").write_text("weights")
+    with pytest.raises(SystemExit, match="did not start; pass another --logs"):
+        benchmark.claim_run_dir(run, tmp_path / "other-results")
+    assert (run / "best_accuracy.pt").read_text() == "weights"
+    # A half-finished run of this benchmark's own starts over.
+    (run / "benchmark_out.txt").write_text(str((tmp_path / "results").resolve()))
+    benchmark.claim_run_dir(run, tmp_path / "results")
+    assert sorted(p.name for p in run.iterdir()) == ["benchmark_out.txt"]
