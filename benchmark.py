@@ -163,7 +163,8 @@ def view1(args, recipe, state, state_path, cache, bar):
     run = read_json(run_dir / "config.json")
     return {"train_people": run["train_people"], "val_people": run["val_people"],
             "train_threads": run["threads"], "view2_eval_images": timing["images"],
-            "view2_eval_pairs": timing["n_pairs"],"accuracy": final["kfold"]["mean"], "std": final["kfold"]["std"],
+            "view2_eval_pairs": timing["n_pairs"],
+            "accuracy": final["kfold"]["mean"], "std": final["kfold"]["std"],
             "stderr": final["kfold"]["stderr"], "auc": final["auc"], "eer": final["eer"],
             "tar@far=1e-2": final["tar@far=1e-2"], "tar@far=1e-3": final["tar@far=1e-3"],
             "contaminated": final["contaminated"],
