@@ -57,3 +57,23 @@ def git_commit():
                               cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def write_atomic(path, data=None, write=None):
+    """Write a file so that a kill at any moment leaves the old file or the new one, never a
+    half-written one. Give the content (bytes or str), or write(tmp_path) to produce it. On an
+    exception, Ctrl-C included, the temporary file is removed; only a kill -9 can leave one,
+    named <name>.tmp, which no reader of this project mistakes for data."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if write is not None:
+            write(tmp)
+        elif isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
