@@ -1,13 +1,19 @@
 """Fetch LFW (Labeled Faces in the Wild) images and protocol files into one verified layout.
 
     python download_data.py [--root dataset] [--variant original|funneled|deepfunneled]
-                            [--archive PATH] [--protocol-dir DIR] [--force]
+                            [--archive PATH] [--protocol-dir DIR] [--force] [--verify]
 
 Result, whatever the source:
     ROOT/images/<Name>/<Name>_NNNN.jpg
     ROOT/pairs.txt, pairsDevTrain.txt, ... (the seven protocol files)
-    ROOT/manifest.json   variant, source and sha256 of every file, counts of people and images
+    ROOT/manifest.json   variant, source, size and sha256 of every file (archive, protocol
+                         files, each image), counts of people and images
     ROOT/downloads/      downloaded archives, kept so that a failed extraction loses nothing
+
+A rerun checks ROOT against the manifest: exactly the listed images with their recorded sizes
+(and, with --verify, their SHA-256), and the protocol files by size and SHA-256. Images that
+differ are named in one line and extracted again from the archive; a protocol file that is
+missing or differs is fetched (or copied from --protocol-dir) again, and nothing else is redone.
 
 Sources are tried in order: the LFW home page on GitHub Pages, figshare (scikit-learn's mirror),
 then the old UMass host. Offline, pass --archive and --protocol-dir instead.
@@ -28,10 +34,13 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
 from tqdm import tqdm
+
+from runtime import write_atomic
 
 VARIANTS = ("original", "funneled", "deepfunneled")
 PROTOCOL_FILES = (
@@ -131,6 +140,11 @@ def file_digests(path):
             sha.update(block)
             md5.update(block)
     return sha.hexdigest(), md5.hexdigest()
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify(path, name, fix):
@@ -233,6 +247,7 @@ def get_archive(args, root, dead_hosts):
         path = Path(args.archive)
         if not path.is_file():
             raise DataError(f"{path}: no such file; check --archive")
+        check_archive_format(path)
         return path, str(path.resolve()), verify(path, path.name, "check --archive")
 
     downloads = root / "downloads"
@@ -267,11 +282,14 @@ def get_archive(args, root, dead_hosts):
         f"({KAGGLE}) and run: python download_data.py --archive PATH")
 
 
-def get_protocol_files(args, root, dead_hosts):
-    """Put the protocol files in ROOT; return {name: (source, sha256)}. Missing ones only warn."""
-    got = {}
+def get_protocol_files(args, root, dead_hosts, kept=None):
+    """Put the protocol files in ROOT; return {name: (source, sha256)}. Missing ones only warn.
+    KEPT: {name: (source, sha256)} of files already in ROOT that need nothing done."""
+    got = dict(kept or {})
     for name in PROTOCOL_FILES:
         dest = root / name
+        if name in got:
+            continue
         if args.protocol_dir:
             src = Path(args.protocol_dir) / name
             if not src.is_file():
@@ -279,9 +297,7 @@ def get_protocol_files(args, root, dead_hosts):
                 continue
             sha = verify(src, name, "check --protocol-dir")
             if not (dest.exists() and dest.samefile(src)):
-                tmp = dest.with_name(name + ".part")
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dest)
+                write_atomic(dest, write=lambda tmp, src=src: shutil.copyfile(src, tmp))
             got[name] = (str(src.resolve()), sha)
             continue
         if dest.exists() and not args.force:
@@ -333,6 +349,32 @@ def checked_tar_members(tar, archive, bar):
         yield member
 
 
+# Leading bytes of each archive format, and the file name ending that format should have.
+MAGIC = ((b"PK\x03\x04", ".zip"), (b"PK\x05\x06", ".zip"), (b"\x1f\x8b", ".tgz"),
+         (b"BZh", ".tar.bz2"), (b"\xfd7zXZ\x00", ".tar.xz"))
+TAR_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def check_archive_format(path):
+    """Refuse, in one line, a zip named like a tar or the reverse (extract() picks by name,
+    and tarfile's own complaint about a zip is five lines that never say 'zip')."""
+    with open(path, "rb") as f:
+        head = f.read(262)
+    real = next((ext for magic, ext in MAGIC if head.startswith(magic)),
+                ".tar" if head[257:262] == b"ustar" else None)
+    named_zip = path.name.lower().endswith(".zip")
+    if real is None or (real == ".zip") == named_zip:
+        return      # consistent, or unknown bytes: extraction gives the corrupt-file error
+    stem = path.name
+    for suffix in (".zip",) + TAR_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[:-len(suffix)]
+            break
+    what = "a zip archive" if real == ".zip" else f"a tar archive ({real})"
+    raise DataError(f"{path} is really {what}, not what its name says; rename it to "
+                    f"{stem}{real} and pass that to --archive")
+
+
 def extract(archive, dest):
     """Extract ARCHIVE (zip or tar, any compression) into DEST, refusing unsafe members."""
     bar = tqdm(unit=" files", desc="extracting", disable=None, leave=False)
@@ -357,7 +399,8 @@ def extract(archive, dest):
     except tarfile.FilterError as e:
         raise DataError(f"{archive}: unsafe member ({e}); refusing to extract it") from None
     except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(f"{archive} is truncated or corrupt ({e}): re-download it "
+        reason = " ".join(str(e).split())     # tarfile's messages span several lines
+        raise DataError(f"{archive} is truncated or corrupt ({reason}): re-download it "
                         f"(delete it and run again, or check --archive)") from None
     finally:
         bar.close()
@@ -471,29 +514,105 @@ def install_images(archive, root, names_file, variant=None):
 
 # ---------------------------------------------------------------- idempotence
 
-def already_complete(root, variant):
-    """The manifest's counts and sums still hold, so there is nothing to do."""
+def image_entries(images):
+    """{'<Name>/<Name>_NNNN.jpg': {size, sha256}} for every file under IMAGES."""
+    entries = {}
+    for dirpath, _, filenames in os.walk(images):
+        for f in filenames:
+            path = Path(dirpath) / f
+            entries[path.relative_to(images).as_posix()] = {
+                "size": path.stat().st_size, "sha256": sha256_file(path)}
+    return dict(sorted(entries.items()))
+
+
+def image_problems(images, listed, hashes):
+    """How IMAGES differs from LISTED ({relative path: (size, sha256)}): missing or extra
+    files, wrong sizes and, when HASHES, wrong content. Sizes catch truncation cheaply; a
+    same-size change needs the hashes, which read all images, hence only with --verify."""
+    found = {}
+    for dirpath, _, filenames in os.walk(images):
+        for f in filenames:
+            path = Path(dirpath) / f
+            found[path.relative_to(images).as_posix()] = path
+    problems = [f"{n} is missing" for n in sorted(listed.keys() - found.keys())]
+    problems += [f"{n} is not in the manifest" for n in sorted(found.keys() - listed.keys())]
+    for name in sorted(listed.keys() & found.keys()):
+        size, sha = listed[name]
+        got = found[name].stat().st_size
+        if got != size:
+            problems.append(f"{name} has {got} bytes, expected {size}")
+        elif hashes and sha256_file(found[name]) != sha:
+            problems.append(f"{name} has changed (SHA-256 differs)")
+    return problems
+
+
+def intact_manifest(root, args):
+    """The manifest when ROOT's images still match it, else None (the images are extracted
+    again). Says in one line why existing images are not kept."""
+    path = root / "manifest.json"
     try:
-        manifest = json.loads((root / "manifest.json").read_text())
-        if variant and manifest["variant"] != variant:
-            return None
-        images = root / "images"
-        people = [p for p in os.scandir(images) if p.is_dir()]
-        n_images = sum(len(os.listdir(p.path)) for p in people)
-        if (len(people), n_images) != (manifest["people"], manifest["images"]):
-            return None
-        for name, entry in manifest["files"].items():
-            if name in PROTOCOL_FILES and file_digests(root / name)[0] != entry["sha256"]:
-                return None
-        return manifest
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads(path.read_text())
+        listed = {n: (e["size"], e["sha256"]) for n, e in manifest["image_files"].items()}
+        variant, archive = manifest["variant"], manifest["files"][manifest["archive"]]
+        if not all({"source", "sha256", "size"} <= e.keys() for e in manifest["files"].values()):
+            raise KeyError("size")
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        warn(f"{path} is unreadable or from an older version of this script; "
+             f"extracting the images again")
+        return None
+    if args.variant and variant != args.variant:
+        return None
+    problems = image_problems(root / "images", listed, args.verify)
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        warn(f"{root / 'images'} does not match {path}: {'; '.join(problems[:3])}{more}; "
+             f"extracting the images again from {archive['source']}")
+        return None
+    return manifest
+
+
+def kept_protocol_files(root, manifest):
+    """{name: (source, sha256)} of the protocol files in ROOT that still match the manifest.
+    One that differs is removed, so that it is fetched or copied again like a missing one."""
+    kept = {}
+    for name, entry in manifest["files"].items():
+        if name not in PROTOCOL_FILES:
+            continue
+        path = root / name
+        if not path.is_file():
+            warn(f"{path} is gone; getting it again")
+        elif path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]:
+            kept[name] = (entry["source"], entry["sha256"])
+        else:
+            warn(f"{path} does not match {root / 'manifest.json'}; getting it again")
+            path.unlink()
+    return kept
+
+
+def note_other_archive(args, root, manifest):
+    """--archive is not used when the images are already there: say so, unless it is the same
+    file (same path, or same size and bytes as the one the images came from)."""
+    if not args.archive:
+        return
+    old = manifest["files"][manifest["archive"]]
+    new = Path(args.archive)
+    if str(new.resolve()) == old["source"]:
+        return
+    if new.is_file() and new.stat().st_size == old["size"] and sha256_file(new) == old["sha256"]:
+        return
+    warn(f"{root / 'images'} already holds the images from {old['source']}; --archive {new} "
+         f"is not used (rerun with --force to extract from it instead)")
+
+
+def protocol_entries(root, files):
+    return {name: {"source": src, "sha256": sha, "size": (root / name).stat().st_size}
+            for name, (src, sha) in files.items()}
 
 
 def write_manifest(root, manifest):
-    tmp = root / "manifest.json.part"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, root / "manifest.json")
+    write_atomic(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- main
@@ -510,23 +629,55 @@ def parse_args(argv):
     p.add_argument("--protocol-dir", help="copy the protocol files (pairs.txt, ...) from here "
                                           "instead of downloading")
     p.add_argument("--force", action="store_true", help="fetch and extract again")
+    p.add_argument("--verify", action="store_true",
+                   help="also compare every image's SHA-256 with manifest.json (reads all the "
+                        "images). Every run already checks that exactly the listed images are "
+                        "there with their recorded sizes; images that differ are named in one "
+                        "line and extracted again from the archive.")
     return p.parse_args(argv)
 
 
 def run(args):
+    if args.protocol_dir and not Path(args.protocol_dir).is_dir():
+        raise DataError(f"{args.protocol_dir}: no such folder; check --protocol-dir (the folder "
+                        f"that holds pairs.txt, people.txt, lfw-names.txt, ...)")
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):   # left by a run that was killed
         shutil.rmtree(stale, ignore_errors=True)
+    manifest = None if args.force else intact_manifest(root, args)
+    if manifest:
+        complete_protocol_files(args, root, manifest)
+    else:
+        install(args, root)
 
-    if not args.force:
-        manifest = already_complete(root, args.variant)
-        if manifest:
-            print(f"{args.root.rstrip('/')}/ is complete and verified ({manifest['images']} images "
-                  f"of {manifest['people']} people); nothing to do. Use --force to fetch again.")
-            return
+
+def complete_protocol_files(args, root, manifest):
+    """The images match the manifest: get only the protocol files still missing or damaged."""
+    note_other_archive(args, root, manifest)
+    summary = f"{manifest['images']} images of {manifest['people']} people"
+    kept = kept_protocol_files(root, manifest)
+    if len(kept) == len(PROTOCOL_FILES):
+        print(f"{args.root.rstrip('/')}/ is complete and verified ({summary}); nothing to do. "
+              f"Use --force to fetch again.")
+        return
+    files = get_protocol_files(args, root, set(), kept)
+    added = [n for n in PROTOCOL_FILES if n in files and n not in kept]
+    archive = manifest["archive"]
+    if NAMES_FILE in added:     # the per-person counts could not be checked before
+        counts = Counter(n.split("/")[0] for n in manifest["image_files"])
+        check_counts(counts, root / NAMES_FILE, manifest["files"][archive]["source"])
+    manifest["files"] = {archive: manifest["files"][archive]} | protocol_entries(root, files)
+    manifest["missing"] = [n for n in PROTOCOL_FILES if n not in files]
+    write_manifest(root, manifest)
+    print(f"images unchanged ({summary}); added {', '.join(added) or 'no protocol file'}; "
+          f"{len(files)} of {len(PROTOCOL_FILES)} protocol files"
+          + (f" (missing: {', '.join(manifest['missing'])})" if manifest["missing"] else ""))
+
+
+def install(args, root):
+    """Get the archive and the protocol files, extract and verify the images, write the manifest."""
     (root / "manifest.json").unlink(missing_ok=True)
-
     if not args.archive:
         args.variant = args.variant or "deepfunneled"
     dead_hosts = set()
@@ -541,13 +692,16 @@ def run(args):
                or "deepfunneled")
 
     missing = [n for n in PROTOCOL_FILES if n not in files]
+    archive_entry = {"source": archive_source, "sha256": archive_sha,
+                     "size": archive.stat().st_size}
     manifest = {
         "variant": variant,
         "people": len(counts),
         "images": sum(counts.values()),
-        "files": {archive.name: {"source": archive_source, "sha256": archive_sha}}
-        | {name: {"source": src, "sha256": sha} for name, (src, sha) in files.items()},
+        "archive": archive.name,
+        "files": {archive.name: archive_entry} | protocol_entries(root, files),
         "missing": missing,
+        "image_files": image_entries(root / "images"),
     }
     write_manifest(root, manifest)
     print(f"done: {manifest['images']} images of {manifest['people']} people ({variant}) in "

@@ -188,6 +188,11 @@ def assert_layout(root, n_protocol=7):
     assert len(present) == n_protocol
     for name in present:
         assert manifest["files"][name]["sha256"] == sha((root / name).read_bytes())
+        assert manifest["files"][name]["size"] == (root / name).stat().st_size
+    # A size and a hash for exactly the images on disk.
+    on_disk = {p.relative_to(images).as_posix(): p.read_bytes() for p in images.rglob("*.jpg")}
+    assert manifest["image_files"] == {
+        n: {"size": len(d), "sha256": sha(d)} for n, d in sorted(on_disk.items())}
     assert not list(root.glob(".tmp-*"))
     return manifest
 
@@ -200,12 +205,44 @@ def assert_nothing_installed(root):
 
 # ---------------------------------------------------------------- tests
 
-def test_default_sources_and_sums():
-    hosts = [s["base"] for s in dl.SOURCES]
-    assert hosts[0].startswith("https://umass-vis-lfw.github.io")
-    assert "figshare" in hosts[1] and "vis-www.cs.umass.edu" in hosts[2]
-    assert dl.SHA256["lfw-deepfunneled.tgz"].startswith("6deb87cb")
-    assert set(dl.PROTOCOL_FILES) <= set(dl.SHA256)
+@pytest.mark.parametrize("variant, urls", [
+    ("deepfunneled", ["https://umass-vis-lfw.github.io/lfw-deepfunneled.zip",
+                      "http://vis-www.cs.umass.edu/lfw/lfw-deepfunneled.tgz"]),
+    ("original", ["https://umass-vis-lfw.github.io/lfw.zip",
+                  "https://ndownloader.figshare.com/files/5976018",
+                  "http://vis-www.cs.umass.edu/lfw/lfw.tgz"]),
+])
+def test_default_sources_tried_in_order(tmp_path, monkeypatch, variant, urls):
+    # The real source table: GitHub Pages first, then figshare (which has no deepfunneled),
+    # then UMass. Nothing goes on the network: every URL "answers" 404.
+    tried = []
+
+    def not_found(url, dest):
+        tried.append(url)
+        raise dl.FetchError(f"{url}: HTTP 404")
+
+    monkeypatch.setattr(dl, "download", not_found)
+    assert run("--root", tmp_path / "dataset", "--variant", variant) == 1
+    assert tried == urls
+
+
+def test_default_sums_are_enforced(tmp_path, monkeypatch, capsys):
+    # The real checksum table rejects a deepfunneled archive that is not the published one...
+    def serve_synthetic(url, dest):
+        dest.write_bytes(TGZ)
+
+    monkeypatch.setattr(dl, "download", serve_synthetic)
+    monkeypatch.setattr(dl, "SOURCES", [s for s in dl.SOURCES if "umass.edu" in s["base"]])
+    root = tmp_path / "dataset"
+    assert run("--root", root) == 1
+    err = capsys.readouterr().err
+    assert "checksum mismatch for lfw-deepfunneled.tgz" in err and "6deb87cb" in err
+    assert_nothing_installed(root)
+    # ...and every protocol file and archive has a known sum, so none is taken unchecked.
+    for name in dl.PROTOCOL_FILES + ("lfw.tgz", "lfw-funneled.tgz", "lfw-deepfunneled.tgz"):
+        (tmp_path / name).write_bytes(b"not the real " + name.encode())
+        with pytest.raises(dl.DataError, match=f"checksum mismatch for {name}"):
+            dl.verify(tmp_path / name, name, "fix")
 
 
 def test_download_zip_from_server(server, tmp_path, capsys):
@@ -432,6 +469,187 @@ def test_missing_protocol_file_is_a_warning(server, tmp_path, capsys):
     assert manifest["missing"] == ["peopleDevTest.txt"]
     # A 404 is not retried.
     assert [p for p, _ in server["requests"]].count("/gh/peopleDevTest.txt") == 1
+
+
+def image_stamp(root):
+    """(inode, mtime) of every image: unchanged means the images were not extracted again."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in (root / "images").rglob("*.jpg")}
+
+
+def test_rerun_adds_missing_protocol_files_from_dir(local, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("pairs.txt", "people.txt"):
+        (partial / name).write_bytes(PROTOCOL[name])
+    root = tmp_path / "dataset"
+    archive = local / "lfw-deepfunneled.tgz"
+    assert run("--archive", archive, "--protocol-dir", partial, "--root", root) == 0
+    assert len(json.loads((root / "manifest.json").read_text())["missing"]) == 5
+    before = image_stamp(root)
+    capsys.readouterr()
+    assert run("--archive", archive, "--protocol-dir", local, "--root", root) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" not in out and "added pairsDevTrain.txt" in out
+    manifest = assert_layout(root)          # all seven now, in the manifest too
+    assert manifest["missing"] == []
+    assert manifest["files"]["lfw-names.txt"]["source"] == str((local / "lfw-names.txt").resolve())
+    assert manifest["files"]["pairs.txt"]["source"] == str((partial / "pairs.txt").resolve())
+    assert image_stamp(root) == before      # the images were not extracted again
+
+
+def test_rerun_fetches_only_missing_protocol_files(server, tmp_path):
+    held_back = {n: server["files"].pop(f"/gh/{n}") for n in ("people.txt", "lfw-names.txt")}
+    root = tmp_path / "dataset"
+    assert run("--root", root) == 0
+    assert_layout(root, n_protocol=5)
+    before = image_stamp(root)
+    server["files"].update({f"/gh/{n}": d for n, d in held_back.items()})
+    server["requests"].clear()
+    assert run("--root", root) == 0
+    assert sorted(p for p, _ in server["requests"]) == ["/gh/lfw-names.txt", "/gh/people.txt"]
+    assert assert_layout(root)["missing"] == []
+    assert image_stamp(root) == before
+
+
+def test_late_names_file_still_checks_counts(local, tmp_path, monkeypatch, capsys):
+    # Without lfw-names.txt the counts went unchecked; when it arrives they are checked.
+    names = local / "lfw-names.txt"
+    names.unlink()
+    root = tmp_path / "dataset"
+    args = ("--archive", local / "lfw-deepfunneled.tgz", "--protocol-dir", local, "--root", root)
+    assert run(*args) == 0
+    names.write_bytes(protocol_files(dict(PEOPLE, Carol_White=4))["lfw-names.txt"])
+    monkeypatch.delitem(dl.SHA256, "lfw-names.txt")
+    capsys.readouterr()
+    assert run(*args) == 1
+    assert "Carol_White: 3 images, expected 4" in capsys.readouterr().err
+    assert "lfw-names.txt" not in json.loads((root / "manifest.json").read_text())["files"]
+
+
+def test_rerun_repairs_a_damaged_protocol_file_only(local, tmp_path, capsys):
+    root = tmp_path / "dataset"
+    args = ("--archive", local / "lfw-deepfunneled.tgz", "--protocol-dir", local, "--root", root)
+    assert run(*args) == 0
+    before = image_stamp(root)
+    (root / "pairs.txt").write_bytes(b"1\t1\n")
+    capsys.readouterr()
+    assert run(*args) == 0
+    assert f"{root / 'pairs.txt'} does not match" in capsys.readouterr().err
+    assert (root / "pairs.txt").read_bytes() == PROTOCOL["pairs.txt"]
+    assert image_stamp(root) == before
+    assert_layout(root)
+
+
+def damage_truncate(images):
+    path = images / "Alice_Smith" / "Alice_Smith_0001.jpg"
+    path.write_bytes(path.read_bytes()[:100])
+    return ["Alice_Smith/Alice_Smith_0001.jpg has 100 bytes"]
+
+
+def damage_swap(images):
+    # One image deleted and another added: the counts still match.
+    (images / "Bob_Jones" / "Bob_Jones_0001.jpg").unlink()
+    (images / "Carol_White" / "Carol_White_0004.jpg").write_bytes(jpeg((1, 2, 3)))
+    return ["Bob_Jones/Bob_Jones_0001.jpg is missing",
+            "Carol_White/Carol_White_0004.jpg is not in the manifest"]
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_swap])
+def test_rerun_detects_damaged_images(local, tmp_path, capsys, damage):
+    root = tmp_path / "dataset"
+    args = ("--archive", local / "lfw-deepfunneled.tgz", "--protocol-dir", local, "--root", root)
+    assert run(*args) == 0
+    good = {p: p.read_bytes() for p in (root / "images").rglob("*.jpg")}
+    expected = damage(root / "images")
+    capsys.readouterr()
+    assert run(*args) == 0
+    out, err = capsys.readouterr()
+    assert "nothing to do" not in out
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("warning: ") and "extracting the images again" in err
+    for problem in expected:
+        assert problem in err
+    assert {p: p.read_bytes() for p in (root / "images").rglob("*.jpg")} == good
+    assert_layout(root)
+
+
+def test_verify_checks_hashes(local, tmp_path, capsys):
+    root = tmp_path / "dataset"
+    args = ("--archive", local / "lfw-deepfunneled.tgz", "--protocol-dir", local, "--root", root)
+    assert run(*args) == 0
+    path = root / "images" / "Carol_White" / "Carol_White_0002.jpg"
+    good = path.read_bytes()
+    path.write_bytes(bytes(len(good)))          # same size, other bytes
+    capsys.readouterr()
+    assert run(*args) == 0                      # sizes only: not seen
+    assert "nothing to do" in capsys.readouterr().out
+    assert path.read_bytes() != good
+    assert run(*args, "--verify") == 0
+    err = capsys.readouterr().err
+    assert "Carol_White/Carol_White_0002.jpg has changed (SHA-256 differs)" in err
+    assert path.read_bytes() == good
+    assert run(*args, "--verify") == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_missing_protocol_dir_is_an_error(local, tmp_path, capsys):
+    root = tmp_path / "dataset"
+    missing = tmp_path / "no-such-dir"
+    assert run("--archive", local / "lfw-deepfunneled.tgz", "--protocol-dir", missing,
+               "--root", root) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert str(missing) in err and "--protocol-dir" in err
+    assert_nothing_installed(root)
+
+
+def test_other_archive_on_existing_data_is_reported(local, tmp_path, capsys):
+    root = tmp_path / "dataset"
+    first = local / "lfw-deepfunneled.tgz"
+    assert run("--archive", first, "--protocol-dir", local, "--root", root) == 0
+    before = image_stamp(root)
+    copy = tmp_path / "copy" / "lfw-deepfunneled.tgz"   # the same bytes elsewhere: no note
+    copy.parent.mkdir()
+    copy.write_bytes(TGZ)
+    for same in (first, copy):
+        capsys.readouterr()
+        assert run("--archive", same, "--protocol-dir", local, "--root", root) == 0
+        assert capsys.readouterr().err == ""
+    other = tmp_path / "lfw-funneled.zip"
+    other.write_bytes(make_zip(image_members("lfw_funneled")))
+    assert run("--archive", other, "--protocol-dir", local, "--root", root) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("warning: ")
+    assert str(first.resolve()) in err and str(other) in err and "--force" in err
+    assert image_stamp(root) == before
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["files"]["lfw-deepfunneled.tgz"]["source"] == str(first.resolve())
+
+
+@pytest.mark.parametrize("name, data, real", [
+    ("lfw-deepfunneled.tgz", ZIP, "lfw-deepfunneled.zip"),
+    ("lfw-deepfunneled.zip", TGZ, "lfw-deepfunneled.tgz"),
+])
+def test_archive_named_as_the_wrong_format(local, tmp_path, capsys, name, data, real):
+    archive = tmp_path / name
+    archive.write_bytes(data)
+    root = tmp_path / "dataset"
+    assert run("--archive", archive, "--protocol-dir", local, "--root", root) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    kind = "zip" if real.endswith(".zip") else "tar"
+    assert str(archive) in err and f"really a {kind} archive" in err
+    assert f"rename it to {real}" in err
+    assert_nothing_installed(root)
+
+
+def test_not_an_archive_is_one_line(local, tmp_path, capsys):
+    archive = tmp_path / "lfw-deepfunneled.tgz"
+    archive.write_bytes(b"<html>Not Found</html>" * 20)
+    assert run("--archive", archive, "--protocol-dir", local, "--root", tmp_path / "d") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(archive) in err and "re-download" in err
 
 
 @pytest.mark.skipif(not os.environ.get("LFW_DIR"),
