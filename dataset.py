@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 from tqdm import tqdm
+
+import faces
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, for every backbone
@@ -50,7 +51,15 @@ def _lines(path):
     if not path.is_file():
         raise ProtocolError(f"{path}: missing; run `python download_data.py` to fetch the "
                             "protocol files")
-    lines = [(i + 1, line.split()) for i, line in enumerate(path.read_text().splitlines())]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data[:e.start].count(b"\n") + 1
+        raise ProtocolError(f"{path}:{lineno}: not UTF-8 text (byte {data[e.start]:#04x}); the "
+                            "file is damaged or not an LFW protocol file, re-fetch it with "
+                            "`python download_data.py --force`") from None
+    lines = [(i + 1, line.split()) for i, line in enumerate(text.splitlines())]
     lines = [(n, f) for n, f in lines if f]
     if not lines:
         raise ProtocolError(f"{path}: empty; run `python download_data.py --force`")
@@ -229,8 +238,13 @@ def fit(img, size):
 
 
 def load_image(path, size=None):
-    """Decode to uint8 (3, H, W), fitted to size if given."""
-    return fit(decode_image(read_file(str(path)), mode=ImageReadMode.RGB), size)
+    """Decode to uint8 (3, H, W) with the project's one decoder, fitted to size if given. A
+    file that cannot be read is a ProtocolError that names it and says how to fix it."""
+    try:
+        return fit(faces.read_image(path), size)
+    except faces.FaceError as e:
+        raise ProtocolError(f"{e}. Delete it, or re-crop the folder with `python "
+                            "crop_dataset_to_faces.py --overwrite`") from None
 
 
 def decode_all(paths, size, desc="decode"):

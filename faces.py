@@ -1,15 +1,25 @@
-"""Face detection and alignment, shared by crop_dataset_to_faces.py, verify.py and app.py.
+"""Images and faces: the one image decoder, MTCNN detection and alignment, and the one
+function that turns a photo into the face a model expects.
 
 Images travel as uint8 tensors (C, H, W). MTCNN (facenet-pytorch) finds faces and five
 landmarks; every crop is one affine warp, so the aligned, box and fallback crops all go
 through the same code and a batch is warped in one grid_sample call.
+
+crop_dataset_to_faces.py records the settings that made a crop folder (crop_settings.json);
+training copies them into every checkpoint, and face_for_model() rebuilds a new photo's face
+with exactly those settings, so an upload reaches the network as the training crops did.
 """
+import io
+import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image, read_file
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 
 # The standard ArcFace 112x112 five-point template: eyes, nose tip, mouth corners.
 ARCFACE_TEMPLATE = np.array([
@@ -21,37 +31,109 @@ ARCFACE_TEMPLATE = np.array([
 # box crop with a small margin does.
 FALLBACK_FRACTION = 0.5
 
+# One pixel limit for every reader: crops, training, verify.py and the app. A 144 MP photo
+# took 83 s and 8.7 GB to decode and detect; the header says its size for free.
+MAX_PIXELS = 50_000_000
+
+SETTINGS_FILE = "crop_settings.json"
+# What crop_dataset_to_faces.py does unless told otherwise. `rule` is how it picks among
+# several faces: LFW labels the face nearest the centre.
+CROP_DEFAULTS = {"size": 112, "mode": "align", "margin": 8.0, "min_face": 40,
+                 "thresholds": [0.6, 0.7, 0.7], "jpeg_quality": 95, "rule": "center"}
+# An upload is not an LFW photo: its subject need not be centred. See pick_face.
+UPLOAD_RULE = "main"
+RULES = {"center": "the face nearest the centre (as LFW labels its photos)",
+         "main": "the most prominent face (the largest visible face, weighted by how whole it "
+                 "is, the detector's confidence and nearness to the centre)"}
+
 
 class FaceError(ValueError):
-    """A photo that cannot give a face: unreadable, or no face where one is required."""
+    """A photo that cannot give a face: unreadable, too large, or no face where one is needed."""
 
 
-def read_image(path):
-    """Decode an image file to an RGB uint8 tensor (3, H, W); a clear FaceError if it can't."""
-    path = Path(path)
+# ------------------------------------------------------------------ the one image decoder
+
+def header_pixels(data):
+    """Width x height from the image header, without decoding; None if it is not an image."""
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB,
-                            apply_exif_orientation=True)  # phone photos stand upright
-    except (RuntimeError, ValueError, OSError) as e:
-        raise FaceError(f"{path}: cannot read it as an image ({str(e).splitlines()[0]}); "
-                        "use a JPEG or PNG photo") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size[0] * im.size[1]
+    except Image.DecompressionBombError as e:  # PIL stops past 2x its own limit; it says the size
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        return int(found.group(1)) if found else MAX_PIXELS + 1
+    except Exception:  # PIL raises many types on bytes that are not an image
+        return None
 
 
-def decode_bytes(data, name="upload"):
-    """Decode image bytes (an upload) the same way as read_image."""
+def _reason(e):
+    """torchvision's message without its C++ source paths."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # "decode_png, /__w/vision/.../decode_png.cpp:79, Out of bound read in decode_png. ..."
+    return re.sub(r"^[\w()]+, \S+\.cpp:\d+, ", "", text).rstrip(" .:")
+
+
+def decode(data, name="upload"):
+    """Image bytes -> RGB uint8 tensor (3, H, W), upright (EXIF orientation applied), or a
+    FaceError naming `name`. The pixel count is checked from the header before decoding."""
+    pixels = header_pixels(data)
+    if pixels is None:
+        raise FaceError(f"{name}: not a readable image; use a JPEG or PNG photo")
+    if pixels > MAX_PIXELS:
+        raise FaceError(f"{name}: {pixels / 1e6:,.0f} megapixels is over the "
+                        f"{MAX_PIXELS // 1_000_000} megapixel limit; use a smaller photo")
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                             mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as e:
-        raise FaceError(f"{name}: not a readable image ({str(e).splitlines()[0]}); "
-                        "upload a JPEG or PNG photo") from None
+        raise FaceError(f"{name}: cannot decode it ({_reason(e)}); use a JPEG or PNG "
+                        "photo") from None
 
 
-def load_detector(device="cpu", min_face_size=20):
+def read_image(path):
+    """decode() of a file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise FaceError(f"{path}: cannot read it ({e.strerror or e}); check the path") from None
+    return decode(data, path)
+
+
+# ------------------------------------------------------------------ crop settings
+
+def crop_settings(**given):
+    """CROP_DEFAULTS with the given values; unknown names or values are refused."""
+    unknown = set(given) - set(CROP_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown crop settings {sorted(unknown)}; known: {sorted(CROP_DEFAULTS)}")
+    settings = {**CROP_DEFAULTS, **given}
+    if settings["mode"] not in ("align", "bbox") or settings["rule"] not in RULES:
+        raise ValueError(f"crop mode must be align or bbox and rule one of {sorted(RULES)}")
+    return settings
+
+
+def read_crop_settings(folder):
+    """The settings that made a crop folder, or None (whole photos, or crops made before
+    the crop script recorded them)."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return crop_settings(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise FaceError(f"{path}: not valid crop settings ({e}); re-crop with "
+                        "`python crop_dataset_to_faces.py --overwrite`") from None
+
+
+def detector_for(settings, device="cpu"):
     """MTCNN returning every face, so that we choose which one to keep."""
     from facenet_pytorch import MTCNN  # heavy import, only where detection is needed
-    return MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
+    return MTCNN(keep_all=True, device=device, min_face_size=settings["min_face"],
+                 thresholds=list(settings["thresholds"]))
 
+
+# ------------------------------------------------------------------ detection and alignment
 
 def detect(detector, images):
     """Run MTCNN on a list of same-sized images at once.
@@ -66,13 +148,23 @@ def detect(detector, images):
             for b, p, pt in zip(boxes, probs, points)]
 
 
-def pick_face(boxes, height, width, rule="center"):
-    """Index of the face to keep: nearest the image centre (LFW labels the centred face)
-    or the largest (a user's photo)."""
-    if rule == "largest":
-        return int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    return int(np.argmin(((centres - [width / 2, height / 2]) ** 2).sum(1)))
+def pick_face(boxes, probs, height, width, rule="center"):
+    """Index of the face to keep (see RULES). Boxes are clipped to the photo first: MTCNN
+    boxes a bystander cut by the edge far beyond it, and his unclipped box can outsize the
+    subject's (George_W_Bush_0020.jpg). "main" scores each face by its visible area, times
+    the share of its box inside the photo (a half face warps into a smear), the detector's
+    confidence, and a weight falling from 1 at the centre to 0.5 in a corner."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    clipped = np.column_stack([boxes[:, 0].clip(0, width), boxes[:, 1].clip(0, height),
+                               boxes[:, 2].clip(0, width), boxes[:, 3].clip(0, height)])
+    centres = (clipped[:, :2] + clipped[:, 2:]) / 2
+    off_centre = np.hypot(centres[:, 0] - width / 2, centres[:, 1] - height / 2) \
+        / np.hypot(width / 2, height / 2)  # 0 at the centre, 1 in a corner
+    if rule == "center":
+        return int(np.argmin(off_centre))
+    visible = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    whole = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-9)
+    return int(np.argmax(visible * (visible / whole) * np.asarray(probs) * (1 - 0.5 * off_centre)))
 
 
 def similarity_transform(src, dst):
@@ -129,14 +221,15 @@ def warp(images, matrices, size):
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def crop_faces(detector, images, size=112, mode="align", margin=0, rule="center"):
-    """Detect, choose and crop one face per image (images of one size, batched).
+def crop_faces(detector, images, settings, rule=None):
+    """Detect, choose and crop one face per image (images of one size, batched), with the
+    crop settings' mode, size and margin; rule defaults to the settings' own.
 
     Returns (crops uint8 (n, 3, size, size), infos), where each info has `found`,
     `n_faces`, `box` and `landmarks` (image coordinates) of the chosen face. An image with
     no face gets the centre crop and found=False; the caller decides whether that is fatal.
     """
-    images = list(images)
+    images, rule, size = list(images), rule or settings["rule"], settings["size"]
     matrices, infos = [], []
     for img, det in zip(images, detect(detector, images)):
         h, w = img.shape[1:]
@@ -144,19 +237,28 @@ def crop_faces(detector, images, size=112, mode="align", margin=0, rule="center"
             matrices.append(centre_matrix(h, w, size))
             infos.append({"found": False, "n_faces": 0, "box": None, "landmarks": None})
             continue
-        boxes, _, points = det
-        i = pick_face(boxes, h, w, rule)
-        m = align_matrix(points[i], size) if mode == "align" else box_matrix(boxes[i], size, margin)
-        matrices.append(m)
+        boxes, probs, points = det
+        i = pick_face(boxes, probs, h, w, rule)
+        matrices.append(align_matrix(points[i], size) if settings["mode"] == "align"
+                        else box_matrix(boxes[i], size, settings["margin"]))
         infos.append({"found": True, "n_faces": len(boxes), "box": boxes[i].tolist(),
-                      "landmarks": points[i].tolist()})
+                      "landmarks": points[i].tolist(), "prob": float(probs[i])})
     return warp(images, matrices, size), infos
 
 
-def face_from_photo(detector, image, size=112, rule="largest"):
-    """One aligned face from a photo, or FaceError. Several faces: keep the largest (a user's
-    photo) or, with rule="center", the centred one (an LFW photo, as the crops were made)."""
-    crops, infos = crop_faces(detector, [image], size=size, mode="align", rule=rule)
+def jpeg_round_trip(crop, quality):
+    """What writing the crop to disk and reading it back does to it, as training saw it."""
+    return decode_jpeg(encode_jpeg(crop, quality=quality))
+
+
+def face_for_model(detector, image, settings, rule=UPLOAD_RULE):
+    """The one photo -> face path for a new photo (verify.py, the app, anything that embeds
+    one): the face the checkpoint's crop settings make, with the JPEG round trip its training
+    crops went through. The only rule that differs from the crops is which face is kept:
+    `rule` (default UPLOAD_RULE: an upload's subject need not be centred), named in the info's
+    `rule_text` so that callers can say it. Returns (crop, info), or FaceError if no face."""
+    crops, infos = crop_faces(detector, [image], settings, rule)
     if not infos[0]["found"]:
         raise FaceError("no face found")
-    return crops[0], infos[0]
+    return jpeg_round_trip(crops[0], settings["jpeg_quality"]), {**infos[0], "rule": rule,
+                                                                 "rule_text": RULES[rule]}

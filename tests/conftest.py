@@ -1,4 +1,5 @@
 """Shared fixtures: synthetic LFW-like folders (no face images are ever committed)."""
+import json
 import os
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def synthetic_lfw(tmp_path):
     test = {f"Test_Person_{k:02d}": 3 + k % 2 for k in range(8)}
     write_people(tmp_path / "images", {**train, **test})
     write_view1_protocol(tmp_path, train, test)
+    # As crop_dataset_to_faces.py leaves a crop folder: its settings travel into checkpoints.
+    import faces
+    (tmp_path / "images" / faces.SETTINGS_FILE).write_text(json.dumps(faces.crop_settings(size=48)))
     return tmp_path
 
 
@@ -90,3 +94,20 @@ def lfw_root(tmp_path_factory):
                              "--root", str(root)])
     assert rc == 0, "download_data.py failed on $LFW_DIR; see its error above"
     return root
+
+
+def png_claiming(width, height):
+    """The bytes of a tiny PNG whose header claims width x height: what a decompression bomb
+    looks like to a header check, without allocating its pixels."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 4  # signature, then the IHDR chunk's length field
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
