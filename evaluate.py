@@ -1,6 +1,6 @@
 """Evaluate a trained checkpoint on an LFW pairs file: 10-fold accuracy, AUC, EER, TAR@FAR.
 
-    python evaluate.py CHECKPOINT [--data cropped_dataset] [--pairs dataset/pairsDevTest.txt]
+    python evaluate.py [CHECKPOINT | RUN_FOLDER] [--data cropped_dataset] [--pairs dataset/pairsDevTest.txt]
         [--flip] [--batch-size N] [--out DIR] [--skip-missing] [--device auto|cpu|cuda]
         [--fold K]
 
@@ -17,21 +17,19 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from sklearn.metrics import RocCurveDisplay
-from tqdm import tqdm
 
 import dataset as ds
 import metrics
 import model as m
-from runtime import autocast, pick_device, set_threads
+from runtime import pick_device, set_threads, write_atomic
 
-SCORE_CHUNK = 8192  # pairs scored per call: bounds memory with 4096-d Koch embeddings
 N_ERRORS = 8        # worst false accepts and false rejects shown in errors.png
 N_MISSING = 5       # missing files named in the error
 
@@ -42,7 +40,9 @@ class EvalError(Exception):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="a best_*.pt written by trainer2.py")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a best_*.pt written by trainer2.py, or a run folder (its "
+                        "best_accuracy.pt); default: the newest logs/<run>/best_accuracy.pt")
     p.add_argument("--data", default=None,
                    help="<person>/<image>.jpg folder (default: the checkpoint's data_dir if it "
                         "exists, else cropped_dataset)")
@@ -71,15 +71,11 @@ def choose_data(arg, ckpt):
     return Path("cropped_dataset"), why
 
 
-def pair_paths(pairs, data):
-    return [(ds.image_path(data, a, i), ds.image_path(data, b, j)) for a, i, b, j, _, _ in pairs]
-
-
 def drop_missing(pairs, data, skip):
     """Pairs whose images all exist, and how many were left out. Without skip, a missing
     image is an error naming the first few."""
-    paths = pair_paths(pairs, data)
-    missing = sorted({p for pa, pb in paths for p in (pa, pb) if not p.is_file()})
+    paths = ds.pairs_to_paths(pairs, data)
+    missing = sorted({p for pa, pb, _ in paths for p in (pa, pb) if not p.is_file()})
     if not missing:
         return pairs, 0
     if not skip:
@@ -89,22 +85,8 @@ def drop_missing(pairs, data, skip):
                         f"{more}; crop them with `python crop_dataset_to_faces.py`, pass the "
                         "right --data, or --skip-missing to leave those pairs out")
     gone = set(missing)
-    kept = [p for p, (pa, pb) in zip(pairs, paths) if pa not in gone and pb not in gone]
+    kept = [p for p, (pa, pb, _) in zip(pairs, paths) if pa not in gone and pb not in gone]
     return kept, len(pairs) - len(kept)
-
-
-def decode(paths, size):
-    try:
-        return ds.decode_all(paths, size)
-    except RuntimeError:  # torchvision does not say which file; find it only on this path
-        for p in paths:
-            try:
-                ds.load_image(p)
-            except RuntimeError as e:
-                raise EvalError(f"{p}: cannot decode it ({str(e).splitlines()[0]}); re-crop it "
-                                "with `python crop_dataset_to_faces.py --overwrite` or pass "
-                                "--skip-missing after deleting it") from None
-        raise
 
 
 def pair_folds(pairs):
@@ -115,14 +97,6 @@ def pair_folds(pairs):
     if n > 1:
         return folds, f"{n} official folds"
     return metrics.balanced_folds([p[4] for p in pairs]), "10 class-balanced folds of one set"
-
-
-@torch.no_grad()
-def score_pairs(net, emb, a, b, device):
-    """Scores of pairs given as index tensors into the cached embeddings."""
-    out = [net.score(emb[a[i:i + SCORE_CHUNK]].to(device), emb[b[i:i + SCORE_CHUNK]].to(device))
-           .float().cpu() for i in range(0, len(a), SCORE_CHUNK)]
-    return torch.cat(out).numpy()
 
 
 def make_report(scores, labels, folds, val_threshold=None):
@@ -266,12 +240,8 @@ def print_summary(results):
 
 # ------------------------------------------------------------------ main
 
-def evaluate(args):
-    start = time.perf_counter()
-    device = pick_device(args.device)
-    set_threads()
-    net, ckpt = m.load_checkpoint(args.checkpoint, device)
-    cfg = ckpt["model_config"]
+def load_pairs(args, ckpt):
+    """The pairs to score, the data folder and the folds; every input problem as EvalError."""
     pairs = ds.parse_pairs(args.pairs)
     data, data_source = choose_data(args.data, ckpt)
     pairs, skipped = drop_missing(pairs, data, args.skip_missing)
@@ -285,66 +255,72 @@ def evaluate(args):
                                   args.fold not in set(folds.tolist())):
         raise EvalError(f"{args.pairs}: has no official fold {args.fold}; --fold needs a pairs "
                         "file with official folds (pairs.txt has 0-9)")
+    return SimpleNamespace(pairs=pairs, labels=labels, folds=folds, protocol=protocol,
+                           data=data, data_source=data_source, skipped=skipped)
 
-    # Embed every unique image once; pairs only index into the cached embeddings.
-    paths = pair_paths(pairs, data)
-    unique = sorted({p for pair in paths for p in pair})
-    index = {p: n for n, p in enumerate(unique)}
-    print(f"{len(pairs)} pairs of {args.pairs}: embedding {len(unique)} images from {data} "
-          f"({data_source})")
-    t0 = time.perf_counter()
-    images = decode(unique, cfg["image_size"])
-    t1 = time.perf_counter()
-    transform = ds.eval_transform()
-    # Embed in the precision the model was trained and validated in (bf16 on CPU is ~2x faster).
-    with autocast(ckpt.get("config", {}).get("mixed_precision"), device):
-        emb = torch.cat([m.embed_images(net, images[i:i + args.batch_size], transform,
-                                        args.batch_size, device, args.flip)
-                         for i in tqdm(range(0, len(unique), args.batch_size), desc="embed",
-                                       unit="batch", leave=False)])
-    t2 = time.perf_counter()
-    index_a = torch.tensor([index[pa] for pa, _ in paths])
-    index_b = torch.tensor([index[pb] for _, pb in paths])
-    scores = score_pairs(net, emb, index_a, index_b, device)
-    t3 = time.perf_counter()
 
-    all_pairs = pairs
-    if args.fold is None:
-        report = make_report(scores, labels, folds, ckpt.get("threshold"))
-    else:  # one official fold as the test set, its threshold from the other nine
-        train, test = folds != args.fold, folds == args.fold
-        fold_threshold = metrics.best_threshold(scores[train], labels[train])
-        pairs = [p for p, t in zip(pairs, test) if t]
-        scores, labels, index_a, index_b = scores[test], labels[test], index_a[test], index_b[test]
-        report = make_report(scores, labels, metrics.balanced_folds(labels), ckpt.get("threshold"))
-        report["test_fold"] = {"fold": args.fold,
-                               **metrics.threshold_metrics(scores, labels, fold_threshold)}
-        protocol = f"fold {args.fold} of {protocol}, threshold from the other folds"
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / (
-        f"eval-{Path(args.pairs).stem}{'-flip' if args.flip else ''}"
-        f"{'' if args.fold is None else f'-fold{args.fold}'}")
+def test_fold(args, got, scored, ckpt):
+    """One official fold as the test set, its threshold chosen on the other nine. Narrows
+    `got` and `scored` to the fold and returns the report."""
+    train, test = got.folds != args.fold, got.folds == args.fold
+    fold_threshold = metrics.best_threshold(scored["scores"][train], got.labels[train])
+    got.n_other = int(train.sum())
+    got.pairs = [p for p, t in zip(got.pairs, test) if t]
+    got.labels = got.labels[test]
+    for key in ("scores", "a", "b"):
+        scored[key] = scored[key][test]
+    report = make_report(scored["scores"], got.labels, metrics.balanced_folds(got.labels),
+                         ckpt.get("threshold"))
+    report["test_fold"] = {"fold": args.fold, **metrics.threshold_metrics(
+        scored["scores"], got.labels, fold_threshold)}
+    got.protocol = f"fold {args.fold} of {got.protocol}, threshold from the other folds"
+    return report
+
+
+def write_outputs(out, got, scored, report, cfg):
     out.mkdir(parents=True, exist_ok=True)
-    write_scores(pairs, labels, scores, out / "scores.csv")
+    scores, labels = scored["scores"], got.labels
+    write_scores(got.pairs, labels, scores, out / "scores.csv")
     threshold = report["at_threshold"]["threshold"]
     plot_roc(scores, labels, f"{cfg['model']}/{cfg.get('loss')}", out / "roc.png")
     plot_scores(scores, labels, threshold, out / "scores.png")
-    plot_errors(pairs, scores, labels, threshold, images, index_a, index_b, out / "errors.png")
+    plot_errors(got.pairs, scores, labels, threshold, scored["images"], scored["a"], scored["b"],
+                out / "errors.png")
 
-    results = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256(args.checkpoint),
+
+def evaluate(args):
+    start = time.perf_counter()
+    device = pick_device(args.device)
+    set_threads()
+    path = m.resolve_checkpoint(args.checkpoint)
+    net, ckpt = m.load_checkpoint(path, device)
+    cfg = ckpt["model_config"]
+    got = load_pairs(args, ckpt)
+    print(f"{len(got.pairs)} pairs of {args.pairs}: embedding their images from {got.data} "
+          f"({got.data_source})")
+    scored = m.score_pairs(net, ds.pairs_to_paths(got.pairs, got.data),
+                           lambda paths: ds.decode_all(paths, cfg["image_size"]), args.batch_size,
+                           device, args.flip, amp=ckpt.get("config", {}).get("mixed_precision"))
+    report = make_report(scored["scores"], got.labels, got.folds, ckpt.get("threshold")) \
+        if args.fold is None else test_fold(args, got, scored, ckpt)
+    out = Path(args.out) if args.out else path.parent / (
+        f"eval-{Path(args.pairs).stem}{'-flip' if args.flip else ''}"
+        f"{'' if args.fold is None else f'-fold{args.fold}'}")
+    write_outputs(out, got, scored, report, cfg)
+    results = {"checkpoint": str(path), "checkpoint_sha256": sha256(path),
                "model": cfg["model"], "loss": cfg.get("loss"), "distance": cfg.get("distance"),
                "image_size": cfg["image_size"], "epoch": ckpt.get("epoch"),
-               "pairs": str(args.pairs), "protocol": protocol, "data": str(data),
-               "data_source": data_source, "flip": args.flip, "images": len(unique),
-               "pairs_skipped": skipped, "device": str(device),
-               **contamination(pairs, ckpt), **report}
-    results["time_s"] = {"decode": t1 - t0, "embed": t2 - t1, "score": t3 - t2,
-                         "total": time.perf_counter() - start}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+               "pairs": str(args.pairs), "protocol": got.protocol, "data": str(got.data),
+               "data_source": got.data_source, "flip": args.flip,
+               "images": len(scored["paths"]), "pairs_skipped": got.skipped,
+               "device": str(device), **contamination(got.pairs, ckpt), **report,
+               "time_s": {**scored["seconds"], "total": time.perf_counter() - start}}
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
     print_summary(results)
     if args.fold is not None:
         f = report["test_fold"]
         print(f"fold {f['fold']}   accuracy {f['accuracy']:.4f} at threshold {f['threshold']:.4g} "
-              f"chosen on the other folds ({len(all_pairs) - len(pairs)} pairs)")
+              f"chosen on the other folds ({got.n_other} pairs)")
     print(f"wrote results.json, scores.csv, roc.png, scores.png and errors.png to {out}")
     return 0
 

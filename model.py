@@ -4,7 +4,10 @@ A backbone maps an image to an embedding. SiameseNet.embed runs it once per imag
 SiameseNet.score turns two embeddings into a pair score (higher = same person), so that
 evaluation embeds each image once and scores pairs from cached embeddings.
 """
+import pickle
+import time
 import urllib.error
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -12,10 +15,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-# What a checkpoint needs to rebuild its network; every trainer hyperparameter not listed
-# here only affects training.
-MODEL_KEYS = ("model", "image_size", "embedding_dim", "loss", "distance", "drop_layer4",
-              "head_hidden", "head_depth", "activation", "p", "init")
+CHOICES = {"model": ("koch", "compact", "resnext"),
+           "loss": ("bce", "contrastive", "triplet", "arcface"),
+           "distance": ("l1", "cosine"), "activation": ("sigmoid", "relu"),
+           "init": ("default", "kaiming", "xavier", "koch")}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that rebuilds a network, with its defaults in one place; a checkpoint
+    stores it whole (asdict). Every other trainer hyperparameter only affects training.
+    The values are checked here, once, when a config is made."""
+    model: str = "compact"      # koch (Koch et al. 2015), compact (small ResNet), resnext
+    image_size: int = 112
+    embedding_dim: int = 256    # compact only
+    loss: str = "arcface"       # bce scores pairs with a learnt head; the others by distance
+    distance: str = "cosine"
+    drop_layer4: bool = False   # resnext only
+    head_hidden: int = 1024     # resnext only
+    head_depth: int = 1         # resnext only
+    activation: str = "sigmoid"  # resnext head
+    p: float = 0.0              # dropout before the embedding (compact) or in the head (resnext)
+    init: str = "kaiming"       # for layers without pretrained weights
+
+    def __post_init__(self):
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.image_size < 1 or self.embedding_dim < 1 or not 0 <= self.p < 1:
+            raise ValueError("image_size and embedding_dim must be positive and p in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, values):
+        """From a trainer config or a checkpoint's model_config; other keys are ignored."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
 
 
 class PretrainedWeightsMissing(RuntimeError):
@@ -119,8 +155,7 @@ class ResNeXtEmbedder(nn.Module):
     """torchvision's ResNeXt-50 32x4d without its classifier, optionally without layer4,
     then average pooling and an MLP head."""
 
-    def __init__(self, pretrained=True, drop_layer4=False, head_hidden=1024, head_depth=1,
-                 activation="sigmoid", p=0.8):
+    def __init__(self, pretrained, drop_layer4, head_hidden, head_depth, activation, p):
         super().__init__()
         net = torchvision.models.resnext50_32x4d(weights=None)
         if pretrained:
@@ -167,8 +202,6 @@ def init_weights(module, scheme):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif scheme != "default":
-                raise ValueError(f"unknown init {scheme!r}: use default, kaiming, xavier or koch")
 
 
 # ------------------------------------------------------------------------------ siamese net
@@ -233,6 +266,45 @@ def score_faces(net, image_size, face_a, face_b, flip=False, amp=False):
     return float(net.score(e[:1].to(device), e[1:].to(device)))
 
 
+SCORE_CHUNK = 8192  # pairs scored per call: bounds memory with 4096-d Koch embeddings
+
+
+def unique_images(pairs):
+    """(sorted unique paths, index_a, index_b) of [(path_a, path_b, ...)] pairs."""
+    paths = sorted({p for pair in pairs for p in pair[:2]})
+    index = {p: i for i, p in enumerate(paths)}
+    return (paths, torch.tensor([index[pair[0]] for pair in pairs], dtype=torch.long),
+            torch.tensor([index[pair[1]] for pair in pairs], dtype=torch.long))
+
+
+@torch.no_grad()
+def score_pairs(net, pairs, images_of, batch_size=256, device="cpu", flip=False, amp=False):
+    """The one way pairs are scored (validation, evaluate.py, the benchmark): embed every
+    unique image once, then score every pair from the cached embeddings in vectorised chunks.
+
+    pairs: [(path_a, path_b, ...)]; images_of(paths) -> uint8 (N, 3, H, W) at the net's input
+    size. amp: embed in the mixed precision the net was trained and validated in, so that
+    scores match its threshold. Returns a dict: scores (numpy), embeddings, a and b (index
+    tensors into them), paths, images and the seconds spent decoding, embedding and scoring.
+    """
+    import dataset  # the input pipeline lives there; imported here to keep model.py light
+    from runtime import autocast
+    device = torch.device(device)
+    paths, a, b = unique_images(pairs)
+    t0 = time.perf_counter()
+    images = images_of(paths)
+    t1 = time.perf_counter()
+    with autocast(amp, device):
+        emb = embed_images(net, images, dataset.eval_transform(), batch_size, device, flip)
+        t2 = time.perf_counter()
+        scores = torch.cat([net.score(emb[a[i:i + SCORE_CHUNK]].to(device),
+                                      emb[b[i:i + SCORE_CHUNK]].to(device)).float().cpu()
+                            for i in range(0, len(a), SCORE_CHUNK)]) if len(a) else torch.empty(0)
+    return {"scores": scores.numpy(), "embeddings": emb, "a": a, "b": b, "paths": paths,
+            "images": images, "seconds": {"decode": t1 - t0, "embed": t2 - t1,
+                                          "score": time.perf_counter() - t2}}
+
+
 def pair_distance(e1, e2, distance):
     """L1 distance, or cosine distance (1 - cosine similarity)."""
     if distance == "l1":
@@ -240,30 +312,42 @@ def pair_distance(e1, e2, distance):
     return 1 - F.cosine_similarity(e1, e2)
 
 
-def build_model(cfg, pretrained=None):
-    """A SiameseNet from a config dict (the trainer hyperparameters or a checkpoint's)."""
-    name = cfg["model"]
-    pretrained = cfg.get("pretrained", False) if pretrained is None else pretrained
-    if name == "koch":
-        backbone = KochNet(cfg["image_size"])
-        init_weights(backbone, cfg.get("init", "koch"))
-    elif name == "compact":
-        backbone = CompactResNet(cfg["image_size"], cfg.get("embedding_dim", 256), p=cfg.get("p", 0.0))
-        init_weights(backbone, cfg.get("init", "kaiming"))
-    elif name == "resnext":
-        backbone = ResNeXtEmbedder(pretrained, cfg.get("drop_layer4", False),
-                                   cfg.get("head_hidden", 1024), cfg.get("head_depth", 1),
-                                   cfg.get("activation", "sigmoid"), cfg.get("p", 0.8))
-        # The head is new either way; the body only when there are no ImageNet weights.
-        init_weights(backbone.head, cfg.get("init", "default"))
-        if not pretrained:
-            init_weights(backbone.body, cfg.get("init", "default"))
+def build_model(cfg, pretrained=False):
+    """A SiameseNet from a ModelConfig (or a dict with its keys). pretrained: start a ResNeXt
+    body from ImageNet weights (training only; a checkpoint brings its own weights)."""
+    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
+    if cfg.model == "koch":
+        backbone = KochNet(cfg.image_size)
+        init_weights(backbone, cfg.init)
+    elif cfg.model == "compact":
+        backbone = CompactResNet(cfg.image_size, cfg.embedding_dim, p=cfg.p)
+        init_weights(backbone, cfg.init)
     else:
-        raise ValueError(f"unknown model {name!r}: use koch, compact or resnext")
-    net = SiameseNet(backbone, cfg.get("loss", "bce"), cfg.get("distance", "l1"))
+        backbone = ResNeXtEmbedder(pretrained, cfg.drop_layer4, cfg.head_hidden, cfg.head_depth,
+                                   cfg.activation, cfg.p)
+        # The head is new either way; the body only when there are no ImageNet weights.
+        init_weights(backbone.head, cfg.init)
+        if not pretrained:
+            init_weights(backbone.body, cfg.init)
+    net = SiameseNet(backbone, cfg.loss, cfg.distance)
     if net.head is not None:
         init_weights(net.head, "default")
     return net
+
+
+def read_torch_file(path, fix, device="cpu", mmap=False):
+    """torch.load with weights_only=True, or a CheckpointError that names the file, says why
+    in this project's words and gives the fix."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:  # torch's own text advises weights_only=False: never here
+        why = "it holds Python objects besides weights, which are refused because loading " \
+              "them could run code"
+    except FileNotFoundError:
+        why = "no such file"
+    except Exception:  # torch.load fails in many ways on a truncated or foreign file
+        why = "it is truncated or not a PyTorch file"
+    raise CheckpointError(f"{path}: cannot load it ({why}); {fix}")
 
 
 def load_checkpoint(path, device="cpu"):
@@ -272,29 +356,33 @@ def load_checkpoint(path, device="cpu"):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train one with `python trainer2.py`")
+    ckpt = read_torch_file(path, "pass a best_*.pt written by trainer2.py", device)
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        net = build_model(ckpt["model_config"], pretrained=False)
-    except Exception as e:  # torch.load fails in many ways on a truncated or foreign file
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                              f"{detail}); pass a best_*.pt written by trainer2.py") from None
-    try:
+        net = build_model(ckpt["model_config"])
         net.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError):
+    except (RuntimeError, KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: its weights do not fit the network model.py builds for "
                               "its model_config; use the version of model.py it was trained "
                               f"with (commit {ckpt.get('git_commit', 'unknown')})") from None
     return net.to(device).eval(), ckpt
 
 
-def require_aligned_faces(ckpt, path):
-    """verify.py and the demo feed aligned face crops; a net trained on whole photos
-    (trainer.py) would give meaningless scores there."""
-    if not ckpt.get("config", {}).get("aligned_faces", True):
-        raise CheckpointError(f"{path}: trained on whole photos (aligned_faces=False, as "
-                              "trainer.py does), but faces are aligned here; use a trainer2.py "
-                              "checkpoint")
+def checkpoint_crop_settings(ckpt, path):
+    """The crop settings of the faces a checkpoint was trained on (faces.py), so that a new
+    photo's face is made the same way. Checkpoints from before settings were recorded were
+    trained on the crop script's defaults of the time (aligned, 112 px); a net trained on
+    whole photos or on a folder without crop_settings.json cannot be fed a face."""
+    import faces  # detection lives there; imported here to keep model.py light
+    if ckpt.get("crop"):
+        return faces.crop_settings(**ckpt["crop"])
+    cfg = ckpt.get("config", {})
+    if "crop" not in ckpt and cfg.get("aligned_faces", False):  # older trainer2.py checkpoint
+        return faces.crop_settings()
+    raise CheckpointError(f"{path}: trained on {cfg.get('data_dir', 'a folder')}, which holds "
+                          f"no {faces.SETTINGS_FILE} (whole photos, as trainer.py uses, or crops "
+                          "made before the crop script recorded its settings), so its faces "
+                          "cannot be rebuilt here; train on crops from "
+                          "`python crop_dataset_to_faces.py` (trainer2.py does)")
 
 
 # ------------------------------------------------------------------------------ losses
@@ -375,6 +463,20 @@ def list_checkpoints(logs="logs"):
 
 
 def newest_checkpoint(logs="logs", name="best_accuracy.pt"):
-    """The most recently written logs/<run>/best_accuracy.pt, or None if there is none."""
+    """The most recently written logs/<run>/best_accuracy.pt, or None if there is none: the
+    one way every script and the demo find "the newest run"."""
     paths = list(Path(logs).glob(f"*/{name}"))
     return max(paths, key=lambda p: p.stat().st_mtime) if paths else None
+
+
+def resolve_checkpoint(given=None, logs="logs"):
+    """The checkpoint a user means: a file as given, a run folder's best_accuracy.pt, or with
+    nothing given the newest run's. CheckpointError (one line, with the fix) if none."""
+    if given:
+        path = Path(given)
+        return path / "best_accuracy.pt" if path.is_dir() else path
+    path = newest_checkpoint(logs)
+    if path is None:
+        raise CheckpointError(f"no checkpoint: {logs}/ holds no <run>/best_accuracy.pt; train "
+                              "one with `make train` or `python trainer2.py`, or pass one")
+    return path

@@ -13,7 +13,6 @@ val_fraction = 0.1             # share of training people held out for validatio
 val_pairs = 1000               # fixed validation pairs (half same, half different)
 image_size = 105               # input side in pixels: the paper's 105 (photos are resized)
 cache_images = True            # decode every image once and keep it in memory
-aligned_faces = False          # data_dir holds aligned face crops (verify.py and the demo need them)
 augment_p = 0.5                # probability of the random crop and of the colour jitter
 num_workers = 0                # DataLoader worker processes (0: in the training process)
 # ---- model
@@ -53,7 +52,8 @@ mixed_precision = True         # fp16 on CUDA, bf16 on CPU (2x faster here: AMX)
 calc_metrics_interval = 1      # evaluate every N epochs
 early_stopping_metric = "accuracy"  # accuracy, precision, recall, f1, auc or loss
 patience = 10                  # evaluations without improvement before stopping
-max_minutes = 30.0             # wall-clock training budget (0: none); ends with an evaluation
+max_minutes = 30.0             # wall-clock training budget (0: none); ends with an evaluation; the
+                               # epoch it cuts short counts, and --resume starts the next one
 snapshot_minutes = ""          # e.g. "5,10,20": also save snapshot_<m>min.pt at those minutes
 seed = 0
 device = "auto"                # auto, cpu, cuda

@@ -1,17 +1,26 @@
 """The training engine that trainer.py and trainer2.py call: main(globals()).
 
-One readable loop: sample the epoch's data, train, evaluate on validation pairs from
-training people, write per-metric checkpoints, stop early or when the time budget is spent.
-Runs alone or under `torchrun --nproc_per_node=N` (gloo on CPU, nccl on GPU).
+One readable loop, in named steps: build the data, the model and the optimizer; restore a
+run; train one epoch; evaluate on validation pairs from training people and write the
+records (metrics.csv, TensorBoard, best_*.pt, curves.png); stop early or when the Budget is
+spent. Runs alone or under `torchrun --nproc_per_node=N` (gloo on CPU, nccl on GPU).
+
+Kill-safety: at the end of an epoch last.pt is written first, holding the epoch's validation
+row, and the records are written from it after. A run killed at any moment resumes from
+last.pt and rewrites any record that the kill cut short, so a resumed run's records are
+exactly an uninterrupted run's.
 """
 import csv
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -21,14 +30,19 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import dataset as ds
+import faces
 import metrics
-from model import (MODEL_KEYS, ArcFace, PretrainedWeightsMissing, batch_hard_triplet_loss,
-                   bce_loss, build_model, contrastive_loss, embed_images)
-from runtime import autocast, free_cores, git_commit, pick_device, seed_everything, set_threads
+from model import (ArcFace, CheckpointError, ModelConfig, PretrainedWeightsMissing,
+                   batch_hard_triplet_loss, bce_loss, build_model, contrastive_loss,
+                   read_torch_file, score_pairs)
+from runtime import (autocast, free_cores, git_commit, pick_device, seed_everything,
+                     set_threads, write_atomic)
 
 METRICS = ("accuracy", "precision", "recall", "f1", "auc", "loss")  # one best_*.pt each
 CSV_FIELDS = ("epoch", "step", "minutes", "lr", "train_loss", "loss", "accuracy", "precision",
               "recall", "f1", "auc", "threshold", "images_per_s")
+TRAINING_CHOICES = {"optimizer": ("adam", "sgd"), "split": ("view1", "view2", "random"),
+                    "early_stopping_metric": METRICS}
 
 
 # ------------------------------------------------------------------ hyperparameters
@@ -76,15 +90,51 @@ def apply_overrides(config, argv):
 
 
 def check_config(cfg):
-    choices = {"model": ("koch", "compact", "resnext"),
-               "init": ("default", "kaiming", "xavier", "koch"),
-               "loss": ("bce", "contrastive", "triplet", "arcface"),
-               "distance": ("l1", "cosine"), "optimizer": ("adam", "sgd"),
-               "split": ("view1", "view2", "random"), "activation": ("sigmoid", "relu"),
-               "early_stopping_metric": METRICS}
-    for key, allowed in choices.items():
+    """Every setting checked before anything is created: a bad value leaves no run folder."""
+    try:
+        ModelConfig.from_dict(cfg)  # the model's own choices and ranges
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    for key, allowed in TRAINING_CHOICES.items():
         if cfg[key] not in allowed:
             raise SystemExit(f"error: {key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    for key in ("batch_size", "epochs", "calc_metrics_interval", "patience", "val_pairs"):
+        if cfg[key] < 1:
+            raise SystemExit(f"error: {key}={cfg[key]} must be at least 1")
+    if cfg["max_minutes"] < 0 or cfg["num_workers"] < 0 or cfg["ema"] < 0 or cfg["ema"] >= 1:
+        raise SystemExit("error: max_minutes and num_workers must be >= 0, ema in [0, 1)")
+
+
+def load_config(namespace, argv):
+    """The trainer's defaults, then (with --resume) the saved run's, then the command line."""
+    defaults = hyperparameters(namespace)
+    cfg = apply_overrides(defaults, argv)
+    if cfg.get("resume"):
+        saved_path = Path(cfg["resume"]) / "config.json"
+        if not (Path(cfg["resume"]) / "last.pt").is_file() or not saved_path.is_file():
+            raise SystemExit(f"error: {cfg['resume']}: no last.pt and config.json to resume from; "
+                             "pass the logs/<run> folder of an earlier run")
+        try:
+            saved = json.loads(saved_path.read_text())["config"]
+        except (ValueError, KeyError, TypeError):
+            raise SystemExit(f"error: {saved_path}: not a config.json written by training; "
+                             "start a new run instead") from None
+        given = {arg.removeprefix("--").partition("=")[0] for arg in argv}
+        # Defaults for names added since, the saved run, then what this command line says.
+        cfg = {**defaults, **{k: v for k, v in saved.items() if k in defaults},
+               **{k: cfg[k] for k in given}}
+    check_config(cfg)
+    return cfg
+
+
+def main(namespace, argv=None):
+    """Entry point for the trainer files: their globals are the defaults."""
+    cfg = load_config(namespace, sys.argv[1:] if argv is None else argv)
+    try:
+        return train(cfg)
+    except (ValueError, PretrainedWeightsMissing) as e:  # ProtocolError, CheckpointError, sizes
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 # ------------------------------------------------------------------ distributed set-up
@@ -111,7 +161,7 @@ def broadcast(values, device):
     return t.tolist()
 
 
-# ------------------------------------------------------------------ schedule
+# ------------------------------------------------------------------ schedule and budget
 
 def lr_factor(cfg, progress, step, steps_per_epoch):
     """Multiplier of the base lr at a step. progress runs 0 -> 1 over the run (steps or time
@@ -125,7 +175,30 @@ def lr_factor(cfg, progress, step, steps_per_epoch):
     return warm * cfg["gamma"] ** (step // steps_per_epoch // cfg["step_size"])
 
 
-# ------------------------------------------------------------------ the model under training
+class Budget:
+    """The run's length in steps and, optionally, wall-clock minutes. progress() drives the
+    learning-rate schedule; expired() ends the run, never before its first step here, so
+    that a run always ends with something to evaluate."""
+
+    def __init__(self, max_minutes, total_steps, minutes_done=0.0, step=0):
+        self.seconds = max_minutes * 60 if max_minutes else None
+        self.total_steps = max(1, total_steps)
+        self.start = time.time() - minutes_done * 60
+        self.first_step = step
+
+    def minutes(self):
+        return (time.time() - self.start) / 60
+
+    def progress(self, step):
+        spent = self.minutes() * 60 / self.seconds if self.seconds else 0.0
+        return max(step / self.total_steps, spent)
+
+    def expired(self, step):
+        return self.seconds is not None and step > self.first_step and \
+            self.minutes() * 60 > self.seconds
+
+
+# ------------------------------------------------------------------ building a run
 
 class LossModel(torch.nn.Module):
     """The network plus whatever the loss owns (ArcFace's class centres), so that DDP syncs
@@ -150,32 +223,80 @@ class LossModel(torch.nn.Module):
         return self.arcface(e, y, self.cfg["label_smoothing"])
 
 
-def epoch_loader(cfg, train, labels, bank, transform, epoch, rank, world):
+def run_folder(cfg):
+    """A bare run_name goes under logs/; one with a folder in it is a path as given."""
+    name = cfg["run_name"] or f"{cfg['model']}-{cfg['loss']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg["resume"]) if cfg["resume"] else \
+        Path(name) if ("/" in name or Path(name).is_absolute()) else Path("logs") / name
+    if not cfg["resume"] and (run_dir / "last.pt").exists():
+        raise SystemExit(f"error: {run_dir} already holds a run; continue it with "
+                         f"--resume={run_dir} or choose another --run_name")
+    return run_dir
+
+
+def build_data(cfg):
+    """The identity-disjoint split, training labels, the image bank and the augmentation,
+    plus the settings of the crops in data_dir (None: whole photos or unrecorded crops)."""
+    crop = faces.read_crop_settings(cfg["data_dir"])
+    split = ds.make_split(cfg["data_dir"], cfg["protocol_dir"], cfg["split"], cfg["seed"],
+                          cfg["val_fraction"], cfg["val_pairs"], slice_of_data=cfg["slice_of_data"],
+                          fold=cfg["fold"])
+    people = split["train"]
+    val_paths = {p for a, b, _ in split["val_pairs"] for p in (a, b)}
+    bank = ds.ImageBank([p for v in people.values() for p in v] + list(val_paths),
+                        cfg["image_size"], cache=cfg["cache_images"])
+    return SimpleNamespace(split=split, people=people, val_pairs=split["val_pairs"], bank=bank,
+                           labels={n: i for i, n in enumerate(sorted(people))}, crop=crop,
+                           n_train_images=len(bank.paths) - len(val_paths),
+                           transform=ds.train_transform(cfg["image_size"], cfg["augment_p"]))
+
+
+def build_model_and_optimizer(cfg, n_classes, device):
+    """(net, loss model, EMA or None, optimizer, grad scaler)."""
+    net = build_model(ModelConfig.from_dict(cfg), pretrained=cfg["pretrained"]).to(device)
+    if cfg["channels_last"]:
+        net = net.to(memory_format=torch.channels_last)
+    model = LossModel(net, cfg, n_classes).to(device)
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True) \
+        if cfg["ema"] else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"]) \
+        if cfg["optimizer"] == "adam" else \
+        torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True,
+                        weight_decay=cfg["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type,
+                                  enabled=cfg["mixed_precision"] and device.type == "cuda")
+    return net, model, ema, optimizer, scaler
+
+
+def epoch_loader(cfg, data, epoch, rank, world):
     """This epoch's data, re-drawn from the seed: random pairs (bce, contrastive), all images
     (arcface) or P people x K images batches (triplet)."""
-    seed = cfg["seed"] * 1000 + epoch
+    seed, train = cfg["seed"] * 1000 + epoch, data.people
     common = dict(num_workers=cfg["num_workers"], persistent_workers=False,
                   generator=torch.Generator().manual_seed(seed))
     if cfg["loss"] in ("bce", "contrastive"):
         n = cfg["pairs_per_epoch"] or 2 * sum(len(v) for v in train.values())
-        data = ds.PairDataset(ds.sample_pairs(train, n, seed), bank, transform)
+        images = ds.PairDataset(ds.sample_pairs(train, n, seed), data.bank, data.transform)
     elif cfg["loss"] == "arcface":
         paths = [p for n in sorted(train) for p in train[n]]
-        data = ds.ImageDataset(paths, [labels[p.parent.name] for p in paths], bank, transform)
+        images = ds.ImageDataset(paths, [data.labels[p.parent.name] for p in paths], data.bank,
+                                 data.transform)
     else:
         # batch_size is global, as for the other losses: each rank takes its share of people.
         batches = ds.identity_batches(train, max(cfg["per_person"] * 2, cfg["batch_size"] // world),
                                       cfg["per_person"], seed)
         batches = batches[:len(batches) // world * world]
         paths = [p for b in batches for p in b]
-        data = ds.ImageDataset(paths, [labels[p.parent.name] for p in paths], bank, transform)
+        images = ds.ImageDataset(paths, [data.labels[p.parent.name] for p in paths], data.bank,
+                                 data.transform)
         size = len(batches[0]) if batches else 1
         blocks = [list(range(i * size, (i + 1) * size)) for i in range(rank, len(batches), world)]
-        return DataLoader(data, batch_sampler=blocks, **common)
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
+        return DataLoader(images, batch_sampler=blocks, **common)
+    sampler = DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg["seed"], drop_last=True)
     sampler.set_epoch(epoch)
-    return DataLoader(data, batch_size=cfg["batch_size"] // world, sampler=sampler,
+    return DataLoader(images, batch_size=cfg["batch_size"] // world, sampler=sampler,
                       drop_last=True, **common)
 
 
@@ -190,24 +311,18 @@ def unpack(batch, loss):
 
 @torch.no_grad()
 def validate(net, cfg, val_pairs, bank, device):
-    """Metrics on validation pairs: each image embedded once, pairs scored from embeddings."""
+    """Metrics on validation pairs, scored as evaluate.py scores (model.score_pairs)."""
     net.eval()
-    paths = sorted({p for a, b, _ in val_pairs for p in (a, b)})
-    index = {p: i for i, p in enumerate(paths)}
-    images = torch.stack([bank[p] for p in paths])
-    with autocast(cfg["mixed_precision"], device):
-        emb = embed_images(net, images, ds.eval_transform(), cfg["batch_size"], device)
-    a = torch.tensor([index[p] for p, _, _ in val_pairs])
-    b = torch.tensor([index[p] for _, p, _ in val_pairs])
-    labels = torch.tensor([y for _, _, y in val_pairs], dtype=torch.float32)
-    e1, e2 = emb[a].to(device), emb[b].to(device)
-    scores = net.score(e1, e2).float().cpu()
+    out = score_pairs(net, val_pairs, lambda paths: torch.stack([bank[p] for p in paths]),
+                      cfg["batch_size"], device, amp=cfg["mixed_precision"])
+    s = out["scores"]
+    y = np.array([label for _, _, label in val_pairs], dtype=int)
     if cfg["loss"] == "bce":
-        loss = bce_loss(scores, labels)
+        loss = bce_loss(torch.from_numpy(s), torch.from_numpy(y))
     else:  # embedding losses: the contrastive loss of the pairs, the same geometry pairwise
-        loss = contrastive_loss(e1.float(), e2.float(), labels.to(device), cfg["distance"],
+        e = out["embeddings"].float()
+        loss = contrastive_loss(e[out["a"]], e[out["b"]], torch.from_numpy(y), cfg["distance"],
                                 cfg["margin"])
-    s, y = scores.numpy(), labels.numpy().astype(int)
     threshold = metrics.best_threshold(s, y)
     row = metrics.threshold_metrics(s, y, threshold)
     row.update(auc=metrics.roc_auc(s, y), loss=float(loss))
@@ -215,31 +330,48 @@ def validate(net, cfg, val_pairs, bank, device):
     return row
 
 
-# ------------------------------------------------------------------ checkpoints and logs
+# ------------------------------------------------------------------ checkpoints and records
 
-def save_atomic(obj, path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def eval_net(run):
+    return run.ema.module if run.ema is not None else run.net
 
 
-def plot_curves(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train loss")
-    ax1.plot(epochs, [r["loss"] for r in rows], "o-", label="validation loss")
-    ax1.set_xlabel("epoch"), ax1.set_title("loss"), ax1.legend()
-    for key in ("accuracy", "auc", "f1"):
-        ax2.plot(epochs, [r[key] for r in rows], "o-", label=f"validation {key}")
-    ax2.set_xlabel("epoch"), ax2.set_title("validation metrics"), ax2.legend()
-    fig.tight_layout()
-    tmp = path.with_name("tmp-" + path.name)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+def checkpoint(run, row):
+    """What a best_*.pt or snapshot holds: the weights that were evaluated, how to rebuild
+    the network and its input faces, and what it was validated at."""
+    cfg = run.cfg
+    return {"model": {k: v.detach().cpu() for k, v in eval_net(run).state_dict().items()},
+            "model_config": asdict(ModelConfig.from_dict(cfg)), "crop": run.data.crop,
+            "config": cfg, "epoch": run.state["epoch"], "step": run.state["step"],
+            "metrics": row, "threshold": row["threshold"],
+            "train_people": sorted(run.data.people) + list(run.data.split["val_people"]),
+            "git_commit": run.commit}
+
+
+def link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, dst)
+
+
+def save_checkpoint(ckpt, run_dir, names):
+    """Save once, then link the other names to it (as timm's CheckpointSaver copies): one
+    torch.save however many metrics improved. Each name is replaced atomically."""
+    first = run_dir / names[0]
+    write_atomic(first, write=lambda tmp: torch.save(ckpt, tmp))
+    for name in names[1:]:
+        write_atomic(run_dir / name, write=lambda tmp: link_or_copy(first, tmp))
+
+
+def save_last(run):
+    """last.pt: everything a resumed run needs, written before this epoch's records."""
+    write_atomic(run.run_dir / "last.pt", write=lambda tmp: torch.save(
+        {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+         "scaler": run.scaler.state_dict(), "ema": run.ema.state_dict() if run.ema else {},
+         "state": run.state, "rng": {"torch": torch.get_rng_state(),
+                                     "python": list(random.getstate())}}, tmp))
+    run.saved_epoch = run.state["epoch"]
 
 
 def read_rows(path):
@@ -250,233 +382,279 @@ def read_rows(path):
                 for r in csv.DictReader(f)]
 
 
-def append_row(path, row):
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
+def write_rows(path, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             w.writeheader()
-        w.writerow({k: row[k] for k in CSV_FIELDS})
+            w.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
+    write_atomic(path, write=write)
 
+
+def plot_curves(rows, path):
+    """Loss on two axes (training loss starts ~25, validation ~0.2) and validation metrics."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in rows], "o-", color="C0", label="train loss")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("train loss", color="C0"), ax1.set_title("loss")
+    right = ax1.twinx()
+    right.plot(epochs, [r["loss"] for r in rows], "o-", color="C1", label="validation loss")
+    right.set_ylabel("validation loss", color="C1")
+    for key in ("accuracy", "auc", "f1"):
+        ax2.plot(epochs, [r[key] for r in rows], "o-", label=f"validation {key}")
+    ax2.set_xlabel("epoch"), ax2.set_title("validation metrics"), ax2.legend()
+    fig.tight_layout()
+    write_atomic(path, write=lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def write_records(run, pending):
+    """An evaluated epoch's records: its metrics.csv row, TensorBoard scalars, the best_*.pt
+    of the metrics it improved and curves.png. Idempotent, so that a resumed run can redo it
+    after a kill cut it short: rows of this epoch or later are replaced."""
+    row = pending["row"]
+    rows = [r for r in read_rows(run.run_dir / "metrics.csv") if r["epoch"] < row["epoch"]]
+    write_rows(run.run_dir / "metrics.csv", rows + [row])
+    for key in METRICS + ("train_loss", "lr", "images_per_s"):
+        run.writer.add_scalar(key if key in ("train_loss", "lr", "images_per_s")
+                              else f"val/{key}", row[key], row["step"])
+    run.writer.flush()
+    if pending["improved"]:
+        save_checkpoint(checkpoint(run, row), run.run_dir,
+                        [f"best_{name}.pt" for name in pending["improved"]])
+    plot_curves(rows + [row], run.run_dir / "curves.png")
+
+
+# ------------------------------------------------------------------ restoring a run
+
+def read_last(run_dir, device):
+    """last.pt, read before any data is decoded, so that a damaged one fails at once."""
+    return read_torch_file(run_dir / "last.pt", "start a new run with another --run_name (a "
+                           "killed run's last.pt is never half-written, so it was damaged since)",
+                           device)
+
+
+def restore(run, last):
+    """Load last.pt into the run; one clear line if it does not fit."""
+    try:
+        run.model.load_state_dict(last["model"])
+        run.optimizer.load_state_dict(last["optimizer"])
+        run.scaler.load_state_dict(last["scaler"])
+        if run.ema is not None:
+            run.ema.load_state_dict(last["ema"])
+        torch.set_rng_state(last["rng"]["torch"].cpu())  # map_location may have moved it
+        version, internal, gauss = last["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        run.state = last["state"]
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{run.run_dir / 'last.pt'}: does not fit this run's settings "
+                              f"({type(e).__name__}); resume with the settings it was made "
+                              "with, or start a new run") from None
+    run.saved_epoch = run.state["epoch"]
+    if run.world > 1:  # only rank 0's RNG was saved; give every rank its own stream again
+        seed_everything(run.cfg["seed"] + run.rank + 7919 * run.state["epoch"])
+
+
+def reconcile_records(run):
+    """Make the records match last.pt: drop rows a killed run wrote past it, and redo the
+    records of its last evaluation if the kill cut them short."""
+    path = run.run_dir / "metrics.csv"
+    rows = read_rows(path)
+    if any(r["epoch"] > run.state["epoch"] for r in rows):
+        write_rows(path, [r for r in rows if r["epoch"] <= run.state["epoch"]])
+    if run.state.get("pending"):
+        write_records(run, run.state["pending"])
+
+
+def open_run(cfg):
+    """Everything a run needs, in one namespace: data, model, optimizer, state, writer."""
+    rank, world, device = setup_distributed(cfg["device"])
+    # Threads: as asked, else the free cores shared out between the local processes.
+    threads = set_threads(cfg["threads"] or max(1, free_cores() // world))
+    seed_everything(cfg["seed"] + rank)
+    run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, main=rank == 0,
+                          run_dir=run_folder(cfg), threads=threads, commit=git_commit(),
+                          saved_epoch=0, writer=None,
+                          state={"epoch": 0, "step": 0, "minutes": 0.0, "best": {},
+                                 "bad_evals": 0, "pending": None, "cut_short": False})
+    last = read_last(run.run_dir, device) if cfg["resume"] else None
+    run.data = build_data(cfg)
+    run.net, run.model, run.ema, run.optimizer, run.scaler = \
+        build_model_and_optimizer(cfg, len(run.data.labels), device)
+    if last is not None:
+        restore(run, last)
+    run.ddp = torch.nn.parallel.DistributedDataParallel(run.model) if world > 1 else run.model
+    run.steps_per_epoch = len(epoch_loader(cfg, run.data, 0, rank, world))
+    if run.steps_per_epoch == 0:
+        raise ds.ProtocolError(f"{cfg['data_dir']}: {run.data.n_train_images} training images "
+                               f"give no full batch of {cfg['batch_size']}; lower --batch_size "
+                               "or use more data (slice_of_data)")
+    if run.main:
+        start_records(run)
+    return run
+
+
+def start_records(run):
+    """config.json, the TensorBoard writer (a resumed run purges the events a kill left past
+    last.pt) and the records of a cut-short evaluation; then one line saying what runs."""
+    from torch.utils.tensorboard import SummaryWriter
+    cfg, data = run.cfg, run.data
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run.run_dir / "config.json", json.dumps(
+        {"config": cfg, "crop": data.crop, "git_commit": run.commit, "torch": torch.__version__,
+         "world_size": run.world, "threads": run.threads, "device": str(run.device),
+         "train_people": len(data.people), "train_images": data.n_train_images,
+         "val_people": len(data.split["val_people"]), "val_pairs": len(data.val_pairs)},
+        indent=2))
+    run.writer = SummaryWriter(run.run_dir, purge_step=run.state["step"] if cfg["resume"] else None)
+    if cfg["resume"]:
+        reconcile_records(run)
+    faces_note = f"{data.crop['mode']} face crops" if data.crop else \
+        f"no {faces.SETTINGS_FILE} in data_dir (whole photos or unrecorded crops: verify.py " \
+        "and the demo will refuse this model)"
+    print(f"run {run.run_dir}: {cfg['model']}/{cfg['loss']}/{cfg['distance']} on "
+          f"{len(data.people)} people ({data.n_train_images} images, {faces_note}), "
+          f"{len(data.val_pairs)} validation pairs from {len(data.split['val_people'])} other "
+          f"people; device={run.device} x{run.world}, threads={run.threads}")
+
+
+# ------------------------------------------------------------------ one epoch
+
+def train_one_epoch(run, budget, snapshots):
+    """Train until the epoch's data or the budget runs out. Returns (losses, images seen,
+    whether the budget ended it)."""
+    cfg, state = run.cfg, run.state
+    loader = epoch_loader(cfg, run.data, state["epoch"], run.rank, run.world)
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg['epochs']}",
+               disable=not run.main, leave=False, unit="batch")
+    losses, seen = [], 0
+    for batch in bar:
+        progress, out_of_time = broadcast([budget.progress(state["step"]),
+                                           float(budget.expired(state["step"]))], run.device)
+        if out_of_time:
+            return losses, seen, True
+        for g in run.optimizer.param_groups:
+            g["lr"] = cfg["lr"] * lr_factor(cfg, progress, state["step"], run.steps_per_epoch)
+        x1, x2, y = (t.to(run.device, non_blocking=True) if t is not None else None
+                     for t in unpack(batch, cfg["loss"]))
+        if cfg["channels_last"]:
+            x1 = x1.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg["mixed_precision"], run.device):
+            loss = run.ddp(x1, x2, y)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        if run.ema is not None:
+            run.ema.update_parameters(run.net)
+        state["step"] += 1
+        if run.main and snapshots and budget.minutes() >= snapshots[0]:
+            save_snapshot(run, budget, snapshots.pop(0))
+        losses.append(loss.item())
+        seen += len(x1) * (2 if x2 is not None else 1) * run.world
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
+                        lr=f"{run.optimizer.param_groups[0]['lr']:.1e}")
+    return losses, seen, False
+
+
+def save_snapshot(run, budget, minutes):
+    """snapshot_<m>min.pt: where a time-budgeted run's accuracy curve is going."""
+    row = validate(eval_net(run), run.cfg, run.data.val_pairs, run.data.bank, run.device)
+    run.state["minutes"] = budget.minutes()
+    path = run.run_dir / f"snapshot_{minutes:g}min.pt"
+    ckpt = checkpoint(run, row)
+    write_atomic(path, write=lambda tmp: torch.save(ckpt, tmp))
+
+
+# ------------------------------------------------------------------ end of an epoch
 
 def improved(name, value, best):
     return best is None or (value < best if name == "loss" else value > best)
 
 
+def evaluate_epoch(run, losses, images_per_s):
+    """Validate, update the bests and the early-stopping count; returns the pending records."""
+    cfg, state = run.cfg, run.state
+    row = validate(eval_net(run), cfg, run.data.val_pairs, run.data.bank, run.device)
+    row.update(epoch=state["epoch"], step=state["step"], minutes=state["minutes"],
+               lr=run.optimizer.param_groups[0]["lr"], train_loss=float(np.mean(losses)),
+               images_per_s=images_per_s)
+    better = [name for name in METRICS if improved(name, row[name], state["best"].get(name))]
+    state["best"].update({name: row[name] for name in better})
+    state["bad_evals"] = 0 if cfg["early_stopping_metric"] in better else state["bad_evals"] + 1
+    tqdm.write(f"epoch {state['epoch']:3d} | {state['minutes']:5.1f} min | train loss "
+               f"{row['train_loss']:.4f} | val loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
+               f"auc {row['auc']:.4f} f1 {row['f1']:.4f} | lr {row['lr']:.2e} | "
+               f"{images_per_s:.0f} img/s")
+    return {"row": row, "improved": better}
+
+
+def end_epoch(run, budget, losses, images_per_s, steps, cut_short):
+    """Close an epoch. An epoch the budget cut short counts as one (a resumed run starts the
+    next with fresh data); one the budget ended before its first step does not. Evaluate when
+    due, save last.pt, then write the records from it. Returns (stop early, evaluated)."""
+    cfg, state = run.cfg, run.state
+    state["epoch"] += 1 if steps else 0
+    state["cut_short"] = cut_short and steps > 0
+    state["minutes"] = budget.minutes()
+    due = state["epoch"] % cfg["calc_metrics_interval"] == 0 or \
+        state["epoch"] == cfg["epochs"] or cut_short
+    state["pending"] = evaluate_epoch(run, losses, images_per_s) \
+        if run.main and losses and due else None
+    stop = float(run.main and state["bad_evals"] >= cfg["patience"])
+    if run.main:
+        save_last(run)
+        if state["pending"]:
+            write_records(run, state["pending"])
+    return broadcast([stop], run.device)[0] > 0, bool(losses and due)
+
+
 # ------------------------------------------------------------------ the run
 
-def main(namespace, argv=None):
-    """Entry point for the trainer files: their globals are the defaults."""
-    argv = sys.argv[1:] if argv is None else argv
-    defaults = hyperparameters(namespace)
-    cfg = apply_overrides(defaults, argv)
-    if cfg.get("resume"):
-        saved_path = Path(cfg["resume"]) / "config.json"
-        if not (Path(cfg["resume"]) / "last.pt").is_file() or not saved_path.is_file():
-            raise SystemExit(f"error: {cfg['resume']}: no last.pt and config.json to resume from; "
-                             "pass the logs/<run> folder of an earlier run")
-        saved = json.loads(saved_path.read_text())["config"]
-        given = {arg.removeprefix("--").partition("=")[0] for arg in argv}
-        # Defaults for names added since, the saved run, then what this command line says.
-        cfg = {**defaults, **saved, **{k: cfg[k] for k in given}}
-    check_config(cfg)
-    try:
-        return train(cfg)
-    except (ValueError, PretrainedWeightsMissing) as e:  # ProtocolError, bad sizes or inits
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
 def train(cfg):
-    rank, world, device = setup_distributed(cfg["device"])
-    main_rank = rank == 0
-    # Threads: as asked, else the free cores shared out between the local processes.
-    threads = set_threads(cfg["threads"] or max(1, free_cores() // world))
-    seed_everything(cfg["seed"] + rank)
-    # A bare run_name goes under logs/; one with a folder in it is a path as given.
-    name = cfg["run_name"] or f"{cfg['model']}-{cfg['loss']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg["resume"]) if cfg["resume"] else \
-        Path(name) if ("/" in name or Path(name).is_absolute()) else Path("logs") / name
-    if not cfg["resume"] and (run_dir / "last.pt").exists():
-        raise SystemExit(f"error: {run_dir} already holds a run; continue it with "
-                         f"--resume={run_dir} or choose another --run_name")
-
-    split = ds.make_split(cfg["data_dir"], cfg["protocol_dir"], cfg["split"], cfg["seed"],
-                          cfg["val_fraction"], cfg["val_pairs"], slice_of_data=cfg["slice_of_data"],
-                          fold=cfg["fold"])
-    train_people = split["train"]
-    labels = {n: i for i, n in enumerate(sorted(train_people))}
-    val_paths = {p for a, b, _ in split["val_pairs"] for p in (a, b)}
-    bank = ds.ImageBank([p for v in train_people.values() for p in v] + list(val_paths),
-                        cfg["image_size"], cache=cfg["cache_images"])
-    transform = ds.train_transform(cfg["image_size"], cfg["augment_p"])
-
-    net = build_model(cfg).to(device)
-    if cfg["channels_last"]:
-        net = net.to(memory_format=torch.channels_last)
-    model = LossModel(net, cfg, len(labels)).to(device)
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True) \
-        if cfg["ema"] else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"]) \
-        if cfg["optimizer"] == "adam" else \
-        torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True,
-                        weight_decay=cfg["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["mixed_precision"] and device.type == "cuda")
-    state = {"epoch": 0, "step": 0, "minutes": 0.0, "best": {}, "bad_evals": 0}
-    if cfg["resume"]:
-        last = torch.load(run_dir / "last.pt", map_location=device, weights_only=True)
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
-        scaler.load_state_dict(last["scaler"])
-        if ema is not None:
-            ema.load_state_dict(last["ema"])
-        state = last["state"]
-        torch.set_rng_state(last["rng"]["torch"].cpu())  # map_location may have moved it
-        version, internal, gauss = last["rng"]["python"]
-        random.setstate((version, tuple(internal), gauss))
-        if world > 1:  # only rank 0's RNG was saved; give every rank its own stream again
-            seed_everything(cfg["seed"] + rank + 7919 * state["epoch"])
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(
-            {"config": cfg, "git_commit": git_commit(), "torch": torch.__version__,
-             "world_size": world, "threads": threads, "device": str(device),
-             "train_people": len(train_people), "train_images": len(bank.paths) - len(val_paths),
-             "val_people": len(split["val_people"]), "val_pairs": len(split["val_pairs"])},
-            indent=2))
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(run_dir)
-        print(f"run {run_dir}: {cfg['model']}/{cfg['loss']}/{cfg['distance']} on "
-              f"{len(train_people)} people ({len(bank.paths) - len(val_paths)} images), "
-              f"{len(split['val_pairs'])} validation pairs from {len(split['val_people'])} other "
-              f"people; device={device} x{world}, threads={threads}")
-
-    def checkpoint(row):
-        eval_net = ema.module if ema is not None else net
-        return {"model": {k: v.detach().cpu() for k, v in eval_net.state_dict().items()},
-                "model_config": {k: cfg[k] for k in MODEL_KEYS},
-                "config": cfg, "epoch": state["epoch"], "step": state["step"], "metrics": row,
-                "threshold": row["threshold"],
-                "train_people": sorted(train_people) + list(split["val_people"]),
-                "git_commit": git_commit()}
-
-    def evaluate_and_save(train_loss, images_per_s):
-        """Validation metrics, csv/TensorBoard rows, best_*.pt; returns whether to stop."""
-        stop = 0.0
-        if main_rank:
-            row = validate(ema.module if ema is not None else net, cfg, split["val_pairs"],
-                           bank, device)
-            row.update(epoch=state["epoch"], step=state["step"], minutes=state["minutes"],
-                       lr=optimizer.param_groups[0]["lr"], train_loss=train_loss,
-                       images_per_s=images_per_s)
-            append_row(run_dir / "metrics.csv", row)
-            for key in METRICS + ("train_loss", "lr", "images_per_s"):
-                writer.add_scalar(key if key in ("train_loss", "lr", "images_per_s")
-                                  else f"val/{key}", row[key], state["step"])
-            ckpt = None
-            for name in METRICS:
-                if improved(name, row[name], state["best"].get(name)):
-                    state["best"][name] = row[name]
-                    ckpt = ckpt or checkpoint(row)
-                    save_atomic(ckpt, run_dir / f"best_{name}.pt")
-                    if name == cfg["early_stopping_metric"]:
-                        state["bad_evals"] = -1
-            state["bad_evals"] += 1
-            plot_curves(read_rows(run_dir / "metrics.csv"), run_dir / "curves.png")
-            tqdm.write(f"epoch {state['epoch']:3d} | {state['minutes']:5.1f} min | train loss "
-                       f"{train_loss:.4f} | val loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
-                       f"auc {row['auc']:.4f} f1 {row['f1']:.4f} | lr {row['lr']:.2e} | "
-                       f"{images_per_s:.0f} img/s")
-            stop = float(state["bad_evals"] >= cfg["patience"])
-        return broadcast([stop], device)[0] > 0
-
-    def save_last():
-        if main_rank:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(),
-                         "ema": ema.state_dict() if ema is not None else {},
-                         "state": state, "rng": {"torch": torch.get_rng_state(),
-                                                 "python": list(random.getstate())}},
-                        run_dir / "last.pt")
-
-    budget = cfg["max_minutes"] * 60 if cfg["max_minutes"] else None
-    # Snapshots at fixed minutes show where a time-budgeted run's accuracy curve is going.
+    run = open_run(cfg)
+    state = run.state
+    budget = Budget(cfg["max_minutes"], run.steps_per_epoch * cfg["epochs"], state["minutes"],
+                    state["step"])
     snapshots = sorted(float(x) for x in str(cfg["snapshot_minutes"]).split(",") if x.strip())
     snapshots = [x for x in snapshots if x > state["minutes"]]
-    steps_per_epoch = len(epoch_loader(cfg, train_people, labels, bank, transform, 0, rank, world))
-    if steps_per_epoch == 0:
-        raise ds.ProtocolError(f"{cfg['data_dir']}: {len(bank.paths) - len(val_paths)} training "
-                               f"images give no full batch of {cfg['batch_size']}; lower "
-                               "--batch_size or use more data (slice_of_data)")
-    total_steps = max(1, steps_per_epoch * cfg["epochs"])
-    start = time.time() - state["minutes"] * 60
-    stopped = False
-    losses, seen, t0 = [], 0, time.time()  # since the last evaluation
-    first_step = state["step"]  # the budget is checked only after a step, so a run always
-    model.train()               # ends with something to evaluate
+    losses, seen, t0, stopped = [], 0, time.time(), False
+    run.model.train()
     try:
         while state["epoch"] < cfg["epochs"] and not stopped:
-            loader = epoch_loader(cfg, train_people, labels, bank, transform, state["epoch"],
-                                  rank, world)
-            bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg['epochs']}",
-                       disable=not main_rank, leave=False, unit="batch")
-            for batch in bar:
-                progress, out_of_time = broadcast([
-                    max(state["step"] / total_steps,
-                        (time.time() - start) / budget if budget else 0.0),
-                    float(budget is not None and state["step"] > first_step
-                          and time.time() - start > budget)], device)
-                if out_of_time:
-                    stopped = True
-                    break
-                for g in optimizer.param_groups:
-                    g["lr"] = cfg["lr"] * lr_factor(cfg, progress, state["step"], steps_per_epoch)
-                x1, x2, y = (t.to(device, non_blocking=True) if t is not None else None
-                             for t in unpack(batch, cfg["loss"]))
-                if cfg["channels_last"]:
-                    x1 = x1.contiguous(memory_format=torch.channels_last)
-                with autocast(cfg["mixed_precision"], device):
-                    loss = ddp(x1, x2, y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update_parameters(net)
-                state["step"] += 1
-                if main_rank and snapshots and time.time() - start >= snapshots[0] * 60:
-                    row = validate(ema.module if ema is not None else net, cfg,
-                                   split["val_pairs"], bank, device)
-                    state["minutes"] = (time.time() - start) / 60
-                    save_atomic(checkpoint(row), run_dir / f"snapshot_{snapshots.pop(0):g}min.pt")
-                losses.append(loss.item())
-                seen += len(x1) * (2 if x2 is not None else 1) * world
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
-                                lr=f"{optimizer.param_groups[0]['lr']:.1e}")
-            state["epoch"] += 1
-            state["minutes"] = (time.time() - start) / 60
-            last_epoch = state["epoch"] == cfg["epochs"] or stopped
-            if losses and (state["epoch"] % cfg["calc_metrics_interval"] == 0 or last_epoch):
-                stopped |= evaluate_and_save(float(np.mean(losses)), seen / (time.time() - t0))
+            epoch_losses, epoch_seen, cut_short = train_one_epoch(run, budget, snapshots)
+            losses, seen = losses + epoch_losses, seen + epoch_seen
+            stopped, evaluated = end_epoch(run, budget, losses, seen / (time.time() - t0),
+                                           len(epoch_losses), cut_short)
+            stopped |= cut_short
+            if evaluated:
                 losses, seen, t0 = [], 0, time.time()
-            save_last()
     except KeyboardInterrupt:
-        if main_rank:
-            print(f"\ninterrupted in epoch {state['epoch'] + 1}; {run_dir}/last.pt holds the end "
-                  f"of epoch {state['epoch']}. Continue with --resume={run_dir}", file=sys.stderr)
+        if run.main:
+            held = f"{run.run_dir}/last.pt holds the end of epoch {run.saved_epoch}. Continue " \
+                f"with --resume={run.run_dir}" if run.saved_epoch else \
+                "no epoch had ended, so there is nothing to resume"
+            print(f"\ninterrupted in epoch {run.saved_epoch + 1}; {held}", file=sys.stderr)
         return 130
     finally:
-        if main_rank:
-            writer.close()
+        if run.writer is not None:
+            run.writer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-    if main_rank:
-        why = "time budget spent" if budget and state["minutes"] * 60 >= budget else \
-            "early stop" if state["epoch"] < cfg["epochs"] else "all epochs done"
-        print(f"finished ({why}) after {state['epoch']} epochs, {state['minutes']:.1f} min. "
-              f"Best validation: " + ", ".join(f"{k} {v:.4f}" for k, v in state["best"].items())
-              + f". Checkpoints in {run_dir}/")
+    if run.main:
+        print_finish(run)
     return 0
+
+
+def print_finish(run):
+    state, cfg = run.state, run.cfg
+    why = f"time budget spent; epoch {state['epoch']} was cut short and counts as an epoch, " \
+        "so a resumed run starts the next one" if state["cut_short"] else \
+        "time budget spent" if cfg["max_minutes"] and state["minutes"] >= cfg["max_minutes"] else \
+        "early stop" if state["epoch"] < cfg["epochs"] else "all epochs done"
+    print(f"finished ({why}) after {state['epoch']} epochs, {state['minutes']:.1f} min. "
+          f"Best validation: " + ", ".join(f"{k} {v:.4f}" for k, v in state["best"].items())
+          + f". Checkpoints in {run.run_dir}/")

@@ -3,9 +3,12 @@
     python verify.py IMAGE_A IMAGE_B [--checkpoint logs/<run>/best_accuracy.pt] [--threshold T]
         [--json] [--device auto|cpu|cuda]
 
-Each face is detected and aligned as crop_dataset_to_faces.py does (faces.face_from_photo;
-with several faces, the largest), both are embedded with the checkpoint and the score is
-compared with the threshold (default: the checkpoint's own validation threshold).
+Each photo's face is built with the crop settings the checkpoint's training crops were made
+with (faces.face_for_model: detector thresholds, minimum face, align or bbox, size, margin and
+the JPEG round trip). One rule differs from the crops: with several faces, an upload keeps the
+most prominent one (the crops keep the one nearest the centre, as LFW labels them), and the
+output says so. Both faces are embedded and the score is compared with the threshold
+(default: the checkpoint's own validation threshold).
 Without --checkpoint, the newest logs/<run>/best_accuracy.pt is used.
 Exit status: 0 same person, 1 different people, 2 an error (one line on stderr).
 """
@@ -48,10 +51,10 @@ def find_checkpoint(arg):
     return path
 
 
-def face(detector, path, image):
-    """The aligned face of one photo, or a FaceError naming the file."""
+def face(detector, path, image, settings):
+    """The face of one photo as the checkpoint expects it, or a FaceError naming the file."""
     try:
-        return faces.face_from_photo(detector, image)
+        return faces.face_for_model(detector, image, settings)
     except faces.FaceError as e:
         raise faces.FaceError(f"{path}: {e}; use a photo where the face is clearly visible "
                               "and roughly frontal") from None
@@ -63,11 +66,11 @@ def verify(args):
     device = pick_device(args.device)
     set_threads()
     net, ckpt = m.load_checkpoint(path, device)
-    m.require_aligned_faces(ckpt, path)
-    detector = faces.load_detector(device)
-    (crop_a, info_a), (crop_b, info_b) = [face(detector, p, img) for p, img in
+    settings = m.checkpoint_crop_settings(ckpt, path)
+    detector = faces.detector_for(settings, device)
+    (crop_a, info_a), (crop_b, info_b) = [face(detector, p, img, settings) for p, img in
                                           zip((args.image_a, args.image_b), images)]
-    warnings = [f"{p}: {info['n_faces']} faces found; used the largest"
+    warnings = [f"{p}: {info['n_faces']} faces found; used {info['rule_text']}"
                 for p, info in ((args.image_a, info_a), (args.image_b, info_b))
                 if info["n_faces"] > 1]
     score = m.score_faces(net, ckpt["model_config"]["image_size"], crop_a, crop_b,
@@ -78,7 +81,9 @@ def verify(args):
             "score": score, "threshold": float(threshold),
             "threshold_source": "checkpoint" if args.threshold is None else "--threshold",
             "checkpoint": str(path), "images": [str(args.image_a), str(args.image_b)],
-            "faces_per_image": [info_a["n_faces"], info_b["n_faces"]], "warnings": warnings}
+            "faces_per_image": [info_a["n_faces"], info_b["n_faces"]],
+            "boxes": [info_a["box"], info_b["box"]], "crop_settings": settings,
+            "warnings": warnings}
 
 
 def main(argv=None):
@@ -102,6 +107,9 @@ def main(argv=None):
         print(f"{result['verdict']}: score {result['score']:.4f} "
               f"{'>=' if result['same'] else '<'} threshold {result['threshold']:.4f} "
               f"({source}; {result['checkpoint']})")
+        c = result["crop_settings"]
+        print(f"faces: {c['mode']} crops of {c['size']} px with min_face {c['min_face']} and "
+              f"JPEG quality {c['jpeg_quality']}, the settings of the checkpoint's training crops")
     return 0 if result["same"] else 1
 
 

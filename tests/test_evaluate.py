@@ -110,13 +110,22 @@ def planted_pairs_file(tmp_path):
     return write_pairs(tmp_path / "pairs.txt", folds)
 
 
+def plant(monkeypatch, scores):
+    """Let model.score_pairs embed as usual, then hand back the planted scores."""
+    real = m.score_pairs
+
+    def planted_scores(*a, **k):
+        return {**real(*a, **k), "scores": scores.copy()}
+    monkeypatch.setattr(m, "score_pairs", planted_scores)
+
+
 def test_planted_scores_reach_results_json(tiny, tmp_path, capsys, monkeypatch):
     """The same planted scores through main(): a 10-fold file of training people, so it is
     also contaminated."""
     root, ckpt = tiny
     pairs = planted_pairs_file(tmp_path)
     scores, labels, _ = planted()
-    monkeypatch.setattr(evaluate, "score_pairs", lambda *a: scores.copy())
+    plant(monkeypatch, scores)
     code, out, _ = run(capsys, ckpt, "--pairs", pairs, "--out", tmp_path / "out")
     assert code == 0
     r = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -136,7 +145,7 @@ def test_one_fold_as_test_set_takes_its_threshold_from_the_other_folds(tiny, tmp
     root, ckpt = tiny
     pairs = planted_pairs_file(tmp_path)
     scores, labels, _ = planted()
-    monkeypatch.setattr(evaluate, "score_pairs", lambda *a: scores.copy())
+    plant(monkeypatch, scores)
     code, out, _ = run(capsys, ckpt, "--pairs", pairs, "--out", tmp_path / "out", "--fold", 0)
     assert code == 0
     r = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -297,7 +306,7 @@ def test_bad_checkpoint_or_pairs_is_one_clear_line(tiny, tmp_path, capsys):
     assert code == 1 and "nope.pt: no such checkpoint" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "broken.pt").write_bytes(ckpt.read_bytes()[:1000])
     code, _, err = run(capsys, tmp_path / "broken.pt", "--pairs", pairs)
-    assert code == 1 and "broken.pt: not a readable checkpoint" in err
+    assert code == 1 and "broken.pt: cannot load it (it is truncated or not a PyTorch file)" in err
     assert len(err.strip().splitlines()) == 1
     saved = torch.load(ckpt, weights_only=True)
     saved["model_config"]["embedding_dim"] = 16  # as if model.py had changed since training

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg
 
+import faces
 import model as m
 import training
 import trainer2
@@ -33,6 +34,7 @@ def setup(tmp_path_factory):
     test = {f"Test_Person_{k:02d}": 3 for k in range(4)}
     write_people(root / "images", {**train, **test})
     write_view1_protocol(root, train, test)
+    (root / "images" / faces.SETTINGS_FILE).write_text(json.dumps(faces.crop_settings()))
     assert training.main(vars(trainer2), tiny_args(root, root / "run", epochs=1)) == 0
     face = astronaut()
     two = np.full((512, 768, 3), 200, np.uint8)
@@ -71,7 +73,8 @@ def test_json_output_has_every_field_and_warns_about_several_faces(setup, capsys
     assert isinstance(r["score"], float) and r["threshold"] == 1e9
     assert r["threshold_source"] == "--threshold" and r["checkpoint"] == str(s["ckpt"])
     assert r["images"] == [str(s["face"]), str(s["two"])] and r["faces_per_image"] == [1, 2]
-    assert r["warnings"] == [f"{s['two']}: 2 faces found; used the largest"]
+    assert r["warnings"] == [f"{s['two']}: 2 faces found; used {faces.RULES['main']}"]
+    assert r["crop_settings"] == faces.crop_settings() and r["boxes"][1][0] < 512
 
 
 def test_no_face_and_unreadable_file_are_one_line_naming_the_file(setup, tmp_path, capsys):
@@ -82,7 +85,7 @@ def test_no_face_and_unreadable_file_are_one_line_naming_the_file(setup, tmp_pat
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     code, _, err = run(capsys, broken, s["face"], "--checkpoint", s["ckpt"])
-    assert code == 2 and err.startswith(f"error: {broken}: cannot read it as an image")
+    assert code == 2 and err.startswith(f"error: {broken}: not a readable image")
     assert len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, s["face"], s["face"], "--checkpoint", tmp_path / "none.pt")
     assert code == 2 and "none.pt: no such checkpoint" in err and len(err.strip().splitlines()) == 1
@@ -120,18 +123,49 @@ def test_newest_checkpoint_and_list_checkpoints(setup, tmp_path, capsys, monkeyp
 
 
 def test_any_other_failure_is_exit_2_never_a_verdict(setup, capsys, monkeypatch):
-    import faces
-
     def broken(*a, **k):
         raise RuntimeError("detector weights unreadable")
-    monkeypatch.setattr(faces, "load_detector", broken)
+    monkeypatch.setattr(faces, "detector_for", broken)
     code, out, err = run(capsys, setup["face"], setup["face"], "--checkpoint", setup["ckpt"])
     assert code == 2 and out == "" and "RuntimeError: detector weights unreadable" in err
 
 
-def test_a_whole_photo_model_is_refused(setup, tmp_path, capsys):
+def test_a_model_without_crop_settings_is_refused(setup, tmp_path, capsys):
     ckpt = torch.load(setup["ckpt"], weights_only=True)
-    ckpt["config"]["aligned_faces"] = False  # as trainer.py writes them
+    ckpt["crop"] = None  # trained on a folder without crop_settings.json, as trainer.py's photos
     torch.save(ckpt, tmp_path / "photos.pt")
     code, _, err = run(capsys, setup["face"], setup["face"], "--checkpoint", tmp_path / "photos.pt")
-    assert code == 2 and "trained on whole photos" in err and "trainer2.py checkpoint" in err
+    assert code == 2 and "holds no crop_settings.json" in err and "crop_dataset_to_faces.py" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_from_before_crop_settings_gets_the_old_defaults(setup, tmp_path, capsys):
+    ckpt = torch.load(setup["ckpt"], weights_only=True)
+    del ckpt["crop"]
+    ckpt["config"]["aligned_faces"] = True  # what trainer2.py wrote then
+    torch.save(ckpt, tmp_path / "old.pt")
+    code, out, _ = run(capsys, setup["face"], setup["face"], "--checkpoint", tmp_path / "old.pt",
+                       "--json")
+    assert code == 0 and json.loads(out)["crop_settings"] == faces.CROP_DEFAULTS
+
+
+def test_a_bbox_model_gets_bbox_faces(setup, tmp_path, capsys):
+    ckpt = torch.load(setup["ckpt"], weights_only=True)
+    ckpt["crop"] = faces.crop_settings(mode="bbox", size=96, margin=4)
+    torch.save(ckpt, tmp_path / "bbox.pt")
+    code, out, _ = run(capsys, setup["face"], setup["face"], "--checkpoint", tmp_path / "bbox.pt",
+                       "--threshold", -1e9)
+    assert code == 0 and "faces: bbox crops of 96 px" in out
+
+
+def test_an_oversized_photo_is_refused_from_its_header(setup, tmp_path, capsys, monkeypatch):
+    from conftest import png_claiming
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_claiming(12000, 12000))  # 144 MP: 83 s and 8.7 GB to decode and detect
+
+    def never(*a, **k):
+        raise AssertionError("an oversized photo was decoded")
+    monkeypatch.setattr(faces, "decode_image", never)
+    code, out, err = run(capsys, huge, setup["face"], "--checkpoint", setup["ckpt"])
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {huge}: 144 megapixels is over the 50 megapixel limit")

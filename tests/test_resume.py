@@ -1,0 +1,186 @@
+"""A training run killed or interrupted at any moment resumes to exactly the records of an
+uninterrupted run; damaged inputs and settings fail in one line before anything is written."""
+import csv
+import os
+import pickle
+
+import pytest
+import torch
+
+import training
+import trainer2
+from conftest import tiny_args
+
+
+class Killed(BaseException):
+    """A kill -9 in-process: nothing catches it, so no handler tidies up after it."""
+
+
+def error_lines(err):
+    """The error lines of stderr, without tqdm's progress bars."""
+    return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error")]
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def scalar_steps(run_dir, tag="val/accuracy"):
+    """The steps TensorBoard shows for a tag, over every events file of the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 3-epoch run on a synthetic LFW."""
+    from conftest import write_people, write_view1_protocol
+    root = tmp_path_factory.mktemp("lfw")
+    train = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(16)}
+    test = {f"Test_Person_{k:02d}": 3 for k in range(4)}
+    write_people(root / "images", {**train, **test})
+    write_view1_protocol(root, train, test)
+    assert training.main(vars(trainer2), tiny_args(root, root / "full")) == 0
+    return root, root / "full"
+
+
+def same_records(full, resumed):
+    keys = ("epoch", "step", "lr", "train_loss", "loss", "accuracy", "auc", "threshold")
+    a, b = rows(full), rows(resumed)
+    assert [r["epoch"] for r in b] == ["1", "2", "3"]
+    for x, y in zip(a, b):
+        for k in keys:
+            assert float(x[k]) == pytest.approx(float(y[k]), rel=1e-5, abs=1e-6), k
+    assert scalar_steps(resumed) == scalar_steps(full)
+
+
+def test_a_kill_as_metrics_csv_gains_a_row_resumes_to_the_same_records(reference, monkeypatch):
+    root, full = reference
+    run_dir = root / "killed"
+    write_rows = training.write_rows
+
+    def dying(path, new_rows):
+        write_rows(path, new_rows)
+        if len(new_rows) == 2:  # epoch 2's row is on disk: kill before anything else
+            raise Killed
+    monkeypatch.setattr(training, "write_rows", dying)
+    with pytest.raises(Killed):
+        training.main(vars(trainer2), tiny_args(root, run_dir))
+    monkeypatch.setattr(training, "write_rows", write_rows)
+    assert training.main(vars(trainer2), [f"--resume={run_dir}"]) == 0
+    same_records(full, run_dir)
+    best = torch.load(run_dir / "best_loss.pt", weights_only=True)
+    assert best["epoch"] == torch.load(full / "best_loss.pt", weights_only=True)["epoch"]
+
+
+def test_a_kill_while_saving_best_checkpoints_is_repaired_on_resume(reference, monkeypatch):
+    root, full = reference
+    run_dir = root / "killed-best"
+    save, calls = torch.save, {"n": 0}
+
+    def dying(obj, path, *a, **k):
+        if "best_" in str(path) and isinstance(obj, dict) and obj.get("epoch") == 2:
+            raise Killed
+        return save(obj, path, *a, **k)
+    monkeypatch.setattr(training.torch, "save", dying)
+    with pytest.raises(Killed):
+        training.main(vars(trainer2), tiny_args(root, run_dir))
+    monkeypatch.setattr(training.torch, "save", save)
+    assert training.main(vars(trainer2), [f"--resume={run_dir}"]) == 0
+    same_records(full, run_dir)
+
+
+def test_ctrl_c_during_evaluation_tells_the_truth_and_leaves_no_temporary_file(
+        reference, monkeypatch, capsys):
+    root, _ = reference
+    run_dir = root / "ctrl-c"
+    validate, calls = training.validate, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 2's evaluation
+            raise KeyboardInterrupt
+        return validate(*a, **k)
+    monkeypatch.setattr(training, "validate", interrupted)
+    assert training.main(vars(trainer2), tiny_args(root, run_dir)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted in epoch 2" in err and "last.pt holds the end of epoch 1" in err
+    assert torch.load(run_dir / "last.pt", weights_only=True)["state"]["epoch"] == 1
+
+
+def test_ctrl_c_while_saving_a_checkpoint_leaves_no_temporary_file(reference, monkeypatch, capsys):
+    root, _ = reference
+    run_dir = root / "ctrl-c-save"
+    save = torch.save
+
+    def interrupted(obj, path, *a, **k):
+        if "best_" in str(path) and obj.get("epoch") == 2:
+            open(path, "wb").write(b"half")  # a partly written file, then Ctrl-C
+            raise KeyboardInterrupt
+        return save(obj, path, *a, **k)
+    monkeypatch.setattr(training.torch, "save", interrupted)
+    assert training.main(vars(trainer2), tiny_args(root, run_dir)) == 130
+    assert "last.pt holds the end of epoch 2" in capsys.readouterr().err
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_budget_cut_epoch_counts_and_a_resume_starts_the_next(reference, monkeypatch, capsys):
+    """The budget runs out at step 5, the second step of epoch 2 (3 steps an epoch)."""
+    root, _ = reference
+    run_dir = root / "budget"
+    monkeypatch.setattr(training.Budget, "expired", lambda self, step: step >= 4)
+    assert training.main(vars(trainer2), tiny_args(root, run_dir, epochs=1000,
+                                                   max_minutes=1)) == 0
+    assert "epoch 2 was cut short and counts as an epoch" in capsys.readouterr().out
+    last = torch.load(run_dir / "last.pt", weights_only=True)["state"]
+    assert last["cut_short"] and last["epoch"] == 2 and last["step"] == 4
+    assert [int(r["epoch"]) for r in rows(run_dir)] == [1, 2]
+    monkeypatch.setattr(training.Budget, "expired", lambda self, step: False)
+    assert training.main(vars(trainer2), [f"--resume={run_dir}", "--epochs=4"]) == 0
+    assert [int(r["epoch"]) for r in rows(run_dir)] == [1, 2, 3, 4]
+    assert [int(r["step"]) for r in rows(run_dir)] == [3, 4, 7, 10]  # epoch 3 starts afresh
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo owned > /tmp/lfw_evil_marker",))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "malicious"])
+def test_a_damaged_last_pt_is_one_line(reference, tmp_path, capsys, damage):
+    root, full = reference
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_bytes((full / "config.json").read_bytes())
+    data = (full / "last.pt").read_bytes()[:1000] if damage == "truncated" else \
+        pickle.dumps({"state": Evil()}, protocol=2)
+    (run_dir / "last.pt").write_bytes(data)
+    assert training.main(vars(trainer2), [f"--resume={run_dir}"]) == 1
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and "last.pt: cannot load it" in err
+    assert "weights_only" not in err and not os.path.exists("/tmp/lfw_evil_marker")
+
+
+def test_a_corrupt_image_names_the_file_and_the_fix(reference, tmp_path, capsys):
+    import shutil
+    root, _ = reference
+    data = tmp_path / "images"
+    shutil.copytree(root / "images", data)
+    bad = data / "Train_Person_03" / "Train_Person_03_0002.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    code = training.main(vars(trainer2), tiny_args(root, tmp_path / "run", data_dir=data))
+    err = capsys.readouterr().err
+    assert code == 1 and len(error_lines(err)) == 1
+    assert f"{bad}: not a readable image" in err and "crop_dataset_to_faces.py --overwrite" in err
+
+
+@pytest.mark.parametrize("bad", ["batch_size=0", "epochs=0", "ema=1.5", "model=vgg"])
+def test_bad_settings_leave_no_run_folder(reference, tmp_path, bad):
+    root, _ = reference
+    name, value = bad.split("=")
+    with pytest.raises(SystemExit, match=f"{name}"):
+        training.main(vars(trainer2), tiny_args(root, tmp_path / "run", **{name: value}))
+    assert not (tmp_path / "run").exists()
