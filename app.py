@@ -1,19 +1,18 @@
 """Web demo: are the faces in two photos the same person? Run: streamlit run app.py
 
-Page code only. Detection and alignment come from faces.py, the network and its score from
-model.py and the LFW example pairs from dataset.py: the functions verify.py uses, so that the
-page and the command line agree on the same photos.
+Page code only. Decoding, detection and alignment come from faces.py, the network, its crop
+settings and its score from model.py and the LFW example pairs from dataset.py: the functions
+verify.py uses, so that the page and the command line agree on the same photos.
 
 LFW_DEMO_LOGS (default logs) is where the checkpoints are looked for and LFW_DEMO_DATA
 (default dataset) is the LFW copy the example pairs come from; tests point them elsewhere.
 The photos reach the page through st.session_state["photo_a"] / ["photo_b"] as
-{"name": str, "data": bytes}: the upload boxes and the example button write them there.
+{"name": str, "data": bytes, "rule": optional faces rule}: the upload boxes and the example
+button write them there.
 """
-import io
 import json
 import os
 import random
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -26,11 +25,17 @@ import model
 
 MAX_MB = 20
 MAX_BYTES = MAX_MB * 1024 * 1024
-MAX_PIXELS = 50_000_000
 DISPLAY_SIDE = 640  # photos are shown at most this big; sending a 50 MP photo back is pointless
 SIDES = ("a", "b")
 TRAIN_COMMAND = "make train"
 TRAIN_SCRIPT = "python trainer2.py"
+# A verdict is a close call when |score - threshold| is under this share of the checkpoint's
+# score half-span (how far realistic scores lie from its threshold, see score_scale). The
+# same-person and different-people scores of a model that is ~90% accurate overlap around
+# the threshold, so a pair that near it is often misjudged: for a cosine model at threshold
+# -0.4 the band is ±0.09 (the +0.066 "Same person" a user saw is inside it); for a bce model
+# it is ±0.45 logits, a 39-61% probability of "same".
+CLOSE_SHARE = 0.15
 
 
 def logs_dir():
@@ -41,28 +46,19 @@ def data_dir():
     return Path(os.environ.get("LFW_DEMO_DATA", "dataset"))
 
 
-# ------------------------------------------------------------------ input checks
+def percent(value, digits=1):
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
-def check_photo(data, name):
-    """Refuse a photo too big to decode safely: bytes first, then the pixel count from the
-    header (PIL's open reads only the header), all before the full decode."""
+
+# ------------------------------------------------------------------ photos
+
+def read_photo(data, name):
+    """Bytes -> uint8 image tensor or FaceError. The byte size is the page's own limit (an
+    upload is held in memory); the pixel limit is faces.decode's, checked from the header."""
     if len(data) > MAX_BYTES:
         raise faces.FaceError(f"{name}: {len(data) / 2**20:.1f} MB is over the {MAX_MB} MB "
                               "limit; use a smaller photo")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (or raises, past twice its own limit) on huge images; we decide here.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-    except Image.DecompressionBombError:
-        width = height = MAX_PIXELS  # far over our limit too
-    except Exception:  # PIL raises many types on bytes that are not an image
-        raise faces.FaceError(f"{name}: not a readable image; upload a JPEG or PNG "
-                              "photo") from None
-    if width * height > MAX_PIXELS:
-        raise faces.FaceError(f"{name}: {width * height / 1e6:.0f} megapixels is over the "
-                              f"{MAX_PIXELS // 1_000_000} megapixel limit; use a smaller photo")
+    return faces.decode(data, name)
 
 
 def draw_face(image, info):
@@ -84,9 +80,10 @@ def draw_face(image, info):
 
 # ------------------------------------------------------------------ cached resources
 
-@st.cache_resource(show_spinner="Loading the face detector…")
-def detector():
-    return faces.load_detector()
+@st.cache_resource(max_entries=2, show_spinner="Loading the face detector…")
+def detector(settings_json):
+    """One MTCNN per crop settings (json.dumps with sorted keys, so equal settings share it)."""
+    return faces.detector_for(json.loads(settings_json))
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
@@ -96,49 +93,117 @@ def load_net(path, mtime):
     return model.load_checkpoint(path)
 
 
+def unloadable_reason(path):
+    """Why model.list_checkpoints left a best_*.pt out, in one line naming the file."""
+    try:
+        _, ckpt = model.load_checkpoint(path)
+    except model.CheckpointError as e:
+        return str(e)
+    missing = [k for k in ("metrics", "threshold") if k not in ckpt]
+    if missing:
+        return (f"{path}: loads, but has no {' or '.join(missing)}; it was not written by "
+                f"training.py, so retrain with `{TRAIN_SCRIPT}`")
+    return f"{path}: its metadata cannot be read; retrain with `{TRAIN_SCRIPT}`"
+
+
 @st.cache_data(max_entries=4, show_spinner=False)
 def _list_checkpoints(logs, stamp):
-    return model.list_checkpoints(logs)
+    """(rows of model.list_checkpoints, [(path, reason)] for the files it skipped): it leaves
+    unloadable files out silently, and a page that says "no checkpoint" beside a folder of
+    best_*.pt files must say why they do not count."""
+    rows = model.list_checkpoints(logs)
+    listed = {str(r["path"]) for r in rows}
+    skipped = [(path, unloadable_reason(path)) for path, _ in stamp if path not in listed]
+    return rows, skipped
 
 
 def checkpoints(logs):
-    """model.list_checkpoints, reread only when a best_*.pt appears, goes or changes."""
+    """_list_checkpoints, reread only when a best_*.pt appears, goes or changes."""
     stamp = []
     for p in Path(logs).glob("*/best_*.pt"):
         try:
             stamp.append((str(p), p.stat().st_mtime))
         except OSError:  # removed between glob and stat
             continue
-    return _list_checkpoints(str(logs), tuple(sorted(stamp))) if stamp else []
+    return _list_checkpoints(str(logs), tuple(sorted(stamp))) if stamp else ([], [])
 
 
 @st.cache_data(max_entries=16, show_spinner="Finding the face…")
-def analyse(data, name, rule="largest"):
-    """Check, decode, detect and align one photo. Returns a dict: `error` (a message for the
-    page, or None), `display` (PIL photo with the face drawn, or None), `crop`, `n_faces`.
+def analyse(data, name, rule, settings_json):
+    """Decode, detect and align one photo as the checkpoint's crop settings say. Returns a
+    dict: `error` (a message for the page, or None), `stage` ("read" or "face": what failed),
+    `display` (PIL photo with the face drawn, or None), `crop`, `n_faces`, `rule_text`.
     Errors are returned, not raised, so that cache_data keeps them too."""
+    failed = {"crop": None, "n_faces": 0, "rule_text": None}
     try:
-        check_photo(data, name)
-        image = faces.decode_bytes(data, name)
+        image = read_photo(data, name)
     except faces.FaceError as e:
-        return {"error": str(e), "display": None, "crop": None, "n_faces": 0}
+        return {**failed, "error": str(e), "stage": "read", "display": None}
+    settings = json.loads(settings_json)
     try:
-        crop, info = faces.face_from_photo(detector(), image, rule=rule)
+        crop, info = faces.face_for_model(detector(settings_json), image, settings, rule=rule)
     except faces.FaceError as e:
-        return {"error": f"{name}: {e}; use a photo where the face is clearly visible and roughly frontal",
-                "display": draw_face(image, None), "crop": None, "n_faces": 0}
-    return {"error": None, "display": draw_face(image, info), "crop": crop,
-            "n_faces": info["n_faces"]}
+        return {**failed, "error": f"{name}: {e}; use a photo where the face is clearly "
+                                   "visible and roughly frontal",
+                "stage": "face", "display": draw_face(image, None)}
+    return {"error": None, "stage": None, "display": draw_face(image, info), "crop": crop,
+            "n_faces": info["n_faces"], "rule_text": info["rule_text"]}
+
+
+def photo_rule(photo):
+    return photo.get("rule", faces.UPLOAD_RULE)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def pair_score(path, mtime, photo_a, photo_b):
+def pair_score(path, mtime, photo_a, photo_b, settings_json):
     """Cached so that moving the threshold slider does not rerun the network."""
     net, ckpt = load_net(path, mtime)
-    crops = [analyse(p["data"], p["name"], p.get("rule", "largest"))["crop"]
+    crops = [analyse(p["data"], p["name"], photo_rule(p), settings_json)["crop"]
              for p in (photo_a, photo_b)]
     return model.score_faces(net, ckpt["model_config"]["image_size"], *crops,
                              amp=ckpt["config"].get("mixed_precision", False))
+
+
+# ------------------------------------------------------------------ scores and verdicts
+
+def score_scale(model_config, threshold):
+    """(lo, hi, half): the threshold slider's range and how far realistic scores lie from the
+    threshold. The validation threshold sits between the same and different scores, so the
+    scores spread about as far from it as it is from the best score. Cosine scores are
+    cos - 1 in [-2, 0]: different people near -1, the same near 0, so half is the larger of
+    |t| and 1 - |t|. Minus an L1 distance is <= 0 and scales with the embedding: half = |t|.
+    bce logits are unbounded around 0: at least ±3 (5% to 95% "same")."""
+    t = threshold
+    if model_config.get("loss") == "bce":
+        half = max(3.0, 2 * abs(t))
+        lo, hi = t - half, t + half
+    elif model_config.get("distance") == "cosine":
+        half = max(abs(t), 1 - abs(t), 0.1)
+        lo, hi = max(-2.0, t - half), min(0.0, t + half)
+    else:
+        half = max(abs(t), 1e-3)
+        lo, hi = t - half, min(0.0, t + half)
+    return min(lo, t), max(hi, t), half
+
+
+def score_meaning(model_config):
+    """One line: what the score is and which way is "same"."""
+    if model_config.get("loss") == "bce":
+        what = "the network's logit that the two faces are one person"
+    elif model_config.get("distance") == "cosine":
+        what = ("the cosine similarity of the two face embeddings minus 1 (0: identical, "
+                "−2: opposite)")
+    else:
+        what = "minus the L1 distance between the two face embeddings (0: identical)"
+    return f"Score = {what}. Higher means more alike: score ≥ threshold ⇒ same person."
+
+
+def verdict(score, threshold, half):
+    """(text, same, close): the decision and whether it is a close call (see CLOSE_SHARE)."""
+    margin = score - threshold
+    same, close = margin >= 0, abs(margin) < CLOSE_SHARE * half
+    text = "Verdict: " + ("Same person" if same else "Different people")
+    return text + (" (close call)" if close else ""), same, close
 
 
 # ------------------------------------------------------------------ example pairs
@@ -204,103 +269,244 @@ def on_example():
     st.session_state["uploader_nonce"] = st.session_state.get("uploader_nonce", 0) + 1
 
 
-# ------------------------------------------------------------------ page parts
+# ------------------------------------------------------------------ sidebar: the model
 
-def accuracy_text(value):
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def describe(row):
-    return (f"{row['run']} / best_{row['best']} — {row['model']}, {row['loss']}, "
-            f"val acc {accuracy_text(row.get('accuracy'))}")
-
-
-def slider_range(model_config, threshold):
-    """Scores of embedding losses with cosine distance are -(1 - cos) in [-2, 0]; the others
-    (bce logits, minus L1 distances) are unbounded, so give a span around the threshold."""
-    if model_config.get("loss") != "bce" and model_config.get("distance") == "cosine":
-        lo, hi = -2.0, 0.0
-    else:
-        span = max(1.0, 2 * abs(threshold))
-        lo, hi = threshold - span, threshold + span
-    return min(lo, threshold), max(hi, threshold)
+def no_model_message(logs, skipped):
+    """Why there is nothing to score with: no file at all, or files that do not load."""
+    if not skipped:
+        return (f"No trained model yet: there is no best_*.pt under `{logs}/`. Train one with "
+                f"`{TRAIN_COMMAND}` (or `{TRAIN_SCRIPT}`), then reload this page.")
+    lines = "\n".join(f"- {reason}" for _, reason in skipped)
+    return (f"No usable model: {len(skipped)} best_*.pt file(s) under `{logs}/` cannot be "
+            f"loaded:\n\n{lines}\n\nTrain a new one with `{TRAIN_COMMAND}` (or "
+            f"`{TRAIN_SCRIPT}`), then reload this page.")
 
 
-def show_photo(side, photo, image_size):
-    """One column: the photo with its face box, the aligned crop, or the error. Returns
-    whether a face was found."""
-    result = analyse(photo["data"], photo["name"], photo.get("rule", "largest"))
+def pick_checkpoint(rows, logs):
+    """Two short pickers (run, then which best_*.pt), so that no label is cut off. Defaults
+    to the newest best_accuracy.pt (whose threshold is the accuracy-optimal one), or if that
+    one does not load, the newest that does."""
+    runs = list(dict.fromkeys(r["run"] for r in rows))  # newest run first, as rows are
+    newest = model.newest_checkpoint(logs)
+    newest = next((r for r in rows if Path(r["path"]) == newest), None) or \
+        next((r for r in rows if r["best"] == "accuracy"), rows[0])
+    run = st.selectbox("Training run", runs, index=runs.index(newest["run"]),
+                       help=f"The runs under {logs}/, newest first")
+    in_run = [r for r in rows if r["run"] == run]
+    default = next((i for i, r in enumerate(in_run) if r["best"] == "accuracy"), 0)
+    row = st.selectbox("Checkpoint: best validation…", in_run, index=default, key=f"best:{run}",
+                       format_func=lambda r: f"{r['best']} (val acc {percent(r.get('accuracy'))})")
+    st.caption(f"{row['model']} / {row['loss']} / {row['distance']}, {row['image_size']} px, "
+               f"epoch {row['epoch']}: {run}/{Path(row['path']).name}")
+    return row
+
+
+def sidebar(rows, skipped, logs):
+    """The model, its crop settings and the threshold, or a stopped page saying why not.
+    Returns (path, mtime, ckpt, settings_json, threshold, half)."""
+    with st.sidebar:
+        row = pick_checkpoint(rows, logs)
+        if skipped:
+            with st.expander(f"{len(skipped)} checkpoint(s) cannot be loaded"):
+                for _, reason in skipped:
+                    st.caption(reason)
+    path, mtime = str(row["path"]), row["mtime"]
+    try:  # loaded now, so that a broken checkpoint is reported before any photo is given
+        _, ckpt = load_net(path, mtime)
+        settings = model.checkpoint_crop_settings(ckpt, path)
+    except model.CheckpointError as e:
+        st.error(f"{e}. Or pick another checkpoint.")
+        st.stop()
+    default = float(ckpt["threshold"])
+    lo, hi, half = score_scale(ckpt["model_config"], default)
+    with st.sidebar:
+        # One key per checkpoint: choosing another model starts at that model's threshold.
+        threshold = st.slider("Threshold (score ≥ threshold ⇒ same)", lo, hi, default,
+                              step=(hi - lo) / 400, format="%.3f", key=f"threshold:{path}:{mtime}",
+                              help="Starts at the threshold chosen on this checkpoint's "
+                                   "validation pairs; the range spans the scores it gives.")
+        st.caption(f"Validation accuracy {percent(ckpt['metrics'].get('accuracy'))} at "
+                   f"threshold {default:.3f}.")
+    return path, mtime, ckpt, json.dumps(settings, sort_keys=True), threshold, half
+
+
+# ------------------------------------------------------------------ main area: photos, verdict
+
+def show_photo(side, photo, image_size, settings_json):
+    """One column: the photo (full file name) with its face box, the aligned crop, or the
+    error. Returns analyse()'s result."""
+    result = analyse(photo["data"], photo["name"], photo_rule(photo), settings_json)
+    st.text(f"Photo {side.upper()}: {photo['name']}")  # plain text: the full name, unescaped
     if result["error"]:
         st.error(result["error"])
     if result["display"] is not None:
-        st.image(result["display"], caption=photo["name"])
+        st.image(result["display"])
     if result["crop"] is None:
-        return False
+        return result
     if result["n_faces"] > 1:
-        which = "the centred one, as LFW labels it" if photo.get("rule") == "center" else "the largest"
-        st.info(f"{result['n_faces']} faces found in photo {side.upper()}; using {which}.")
+        st.info(f"{result['n_faces']} faces found in photo {side.upper()}; using "
+                f"{result['rule_text']}.")
     seen = dataset.fit(result["crop"], image_size)  # exactly what the network gets
     st.image(seen.permute(1, 2, 0).numpy(), width=150,
              caption=f"Aligned face the model sees ({image_size}×{image_size})")
-    return True
+    return result
+
+
+def show_no_verdict(results):
+    """Why there is no verdict: photos missing, unreadable or without a face."""
+    if len(results) < 2:
+        given = "".join(f" Photo {s.upper()} is in." for s in results)
+        st.info("Upload two photos, or press “Example pair from LFW”, to compare their "
+                f"faces.{given}")
+        return
+    why = {"read": "could not be read", "face": "has no face the detector could find"}
+    problems = [f"photo {s.upper()} ({st.session_state[f'photo_{s}']['name']}) {why[r['stage']]}"
+                for s, r in results.items() if r["error"]]
+    st.error(f"No verdict: {' and '.join(problems)}. The model compares two faces, so it needs "
+             "one clearly visible face in each photo; see the message under the photo.")
+
+
+def show_verdict(score, threshold, half, model_config):
+    """The verdict first, then the figures behind it and what the score means."""
+    text, same, close = verdict(score, threshold, half)
+    style = st.warning if close else st.success if same else st.info
+    style(text)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Score", f"{score:.3f}")
+    c2.metric("Threshold", f"{threshold:.3f}")
+    c3.metric("Margin (score − threshold)", f"{score - threshold:+.3f}")
+    st.caption(f"{score_meaning(model_config)} Within ±{CLOSE_SHARE * half:.3f} of the "
+               "threshold the verdict is a close call: pairs that near it are where the "
+               "model errs most.")
+    example = st.session_state.get("example")
+    if example:
+        truth = "the same person" if example["same"] else "different people"
+        agree = "agrees" if example["same"] == same else "disagrees"
+        st.caption(f"LFW ({example['file']}) says: {truth}; the model {agree}.")
+
+
+def photo_inputs(image_size, settings_json):
+    """Example button, the two upload boxes and each photo under its box; {side: result}."""
+    data = data_dir()
+    if (data / "images").is_dir() and pairs_file(data):
+        st.button("Example pair from LFW", on_click=on_example,
+                  help="A matched or a mismatched pair at random from the local LFW copy")
+    if st.session_state.get("example_error"):
+        st.error(st.session_state["example_error"])
+    nonce = st.session_state.get("uploader_nonce", 0)
+    results = {}
+    for side, col in zip(SIDES, st.columns(2)):
+        with col:
+            key = f"upload_{side}_{nonce}"
+            st.file_uploader(f"Photo {side.upper()}", key=key, on_change=on_upload,
+                             args=(side, key), max_upload_size=MAX_MB,
+                             help=f"JPEG or PNG, up to {MAX_MB} MB and "
+                                  f"{faces.MAX_PIXELS // 1_000_000} megapixels")
+            photo = st.session_state.get(f"photo_{side}")
+            if photo:
+                results[side] = show_photo(side, photo, image_size, settings_json)
+    return results
+
+
+# ------------------------------------------------------------------ the run: curves, evaluations
+
+def show_curves(run_dir):
+    """Validation accuracy/AUC, training loss and validation loss: three charts, as the two
+    losses are different quantities on different scales (training 25 -> 1.3, validation 0.17)."""
+    try:
+        rows = pd.read_csv(run_dir / "metrics.csv").set_index("epoch")
+        charts = (("Validation accuracy and AUC", ["accuracy", "auc"]),
+                  ("Training loss", ["train_loss"]), ("Validation loss", ["loss"]))
+        for col, (title, keys) in zip(st.columns(3), charts):
+            col.caption(f"{title} by epoch")
+            col.line_chart(rows[keys].rename(columns={"train_loss": "training loss",
+                                                      "loss": "validation loss"}))
+    except FileNotFoundError:
+        st.info("No metrics.csv in this run yet.")
+    except (ValueError, KeyError, OSError) as e:  # being written, or from another version
+        st.warning(f"Cannot read {run_dir / 'metrics.csv'}: {e}")
+
+
+def read_evaluations(run_dir, checkpoint):
+    """[(folder, report)] of the run's evaluate.py results, the honest ones first: not
+    contaminated (no test person seen in training), then unchecked, then contaminated; then
+    those of this checkpoint file; then newest. Unreadable ones are warned about."""
+    found = []
+    for path in run_dir.glob("eval-*/results.json"):
+        try:
+            report, mtime = json.loads(path.read_text()), path.stat().st_mtime
+        except (ValueError, OSError) as e:
+            st.warning(f"Cannot read {path}: {e}")
+            continue
+        if isinstance(report, dict):
+            found.append((path.parent, report, mtime))
+    rank = {False: 0, None: 1}
+    found.sort(key=lambda f: (rank.get(f[1].get("contaminated"), 2),
+                              Path(str(f[1].get("checkpoint", ""))).name != Path(checkpoint).name,
+                              -f[2]))
+    return [(folder, report) for folder, report, _ in found]
 
 
 def eval_figures(report):
-    """The headline numbers of an evaluate.py results.json, formatted for st.metric."""
+    """The headline numbers of an evaluate.py results.json, short enough for st.metric."""
     figures = {}
     kfold = report.get("kfold")
     if isinstance(kfold, dict) and isinstance(kfold.get("mean"), (int, float)):
-        figures["accuracy (10-fold)"] = f"{kfold['mean']:.4f} ± {kfold.get('stderr') or 0:.4f}"
-    for key in ("auc", "eer", "tar@far=1e-3"):
+        figures["Accuracy (10-fold)"] = (f"{percent(kfold['mean'])} ± "
+                                         f"{percent(kfold.get('stderr') or 0)}")
+    for key, label, fmt in (("auc", "AUC", "{:.3f}"), ("eer", "EER", None),
+                            ("tar@far=1e-3", "TAR @ FAR 0.1%", None)):
         value = report.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            figures[key] = f"{value:.4f}"
+            figures[label] = fmt.format(value) if fmt else percent(value)
     return figures
 
 
+def eval_label(folder, report):
+    """Which evaluation this is, and whether its figure can be trusted."""
+    what = (f"{folder.name}: {report.get('n_pairs', '?')} pairs of "
+            f"{Path(str(report.get('pairs', '?'))).name}")
+    if report.get("checkpoint"):
+        what += f", {Path(str(report['checkpoint'])).name}"
+    if report.get("contaminated"):
+        return (f"{what}. Contaminated: {report.get('people_seen_in_training', 'some')} of "
+                f"{report.get('people_in_pairs', '?')} people in these pairs were seen in "
+                "training, so its figures are optimistic.")
+    if report.get("contaminated") is None:
+        return f"{what}. Not checked for people seen in training."
+    return f"{what}. No test person was seen in training."
+
+
+def show_evaluations(run_dir, checkpoint):
+    """The honest evaluation's figures and ROC; any others on one labelled line each."""
+    evaluations = read_evaluations(run_dir, checkpoint)
+    if not evaluations:
+        st.info(f"No evaluation of this run yet: `python evaluate.py {checkpoint}` writes "
+                "its results and ROC curve.")
+        return
+    folder, report = evaluations[0]
+    (st.warning if report.get("contaminated") else st.caption)(eval_label(folder, report))
+    figures = eval_figures(report)
+    for col, (key, value) in zip(st.columns(max(1, len(figures))), figures.items()):
+        col.metric(key, value)
+    for other, other_report in evaluations[1:]:
+        accuracy = eval_figures(other_report).get("Accuracy (10-fold)", "n/a")
+        (st.warning if other_report.get("contaminated") else st.caption)(
+            f"Also: accuracy {accuracy} on {eval_label(other, other_report)}")
+    left, right = st.columns(2)
+    if (folder / "roc.png").is_file():
+        left.image(str(folder / "roc.png"), caption=f"ROC curve ({folder.name})")
+    with right.expander(f"{folder.name}/results.json"):
+        st.json(report)
+
+
 def show_run(checkpoint):
-    """Training curves from metrics.csv and the newest evaluation's results and ROC."""
+    """The run's training curves, then its evaluations."""
     run_dir = Path(checkpoint).parent
     st.header(f"Training run {run_dir.name}")
-    left, right = st.columns(2)
-    with left:
-        try:
-            rows = pd.read_csv(run_dir / "metrics.csv").set_index("epoch")
-            st.caption("Validation accuracy and AUC by epoch")
-            st.line_chart(rows[["accuracy", "auc"]])
-            st.caption("Training and validation loss by epoch")
-            st.line_chart(rows[["train_loss", "loss"]])
-        except FileNotFoundError:
-            st.info("No metrics.csv in this run yet.")
-        except (ValueError, KeyError, OSError) as e:  # being written, or from another version
-            st.warning(f"Cannot read {run_dir / 'metrics.csv'}: {e}")
-    with right:
-        results = sorted(run_dir.glob("eval-*/results.json"), key=lambda p: p.stat().st_mtime)
-        if not results:
-            st.info(f"No evaluation of this run yet: `python evaluate.py {checkpoint}` writes "
-                    "its results and ROC curve.")
-            return
-        newest = results[-1]
-        try:
-            report = json.loads(newest.read_text())
-        except (ValueError, OSError) as e:
-            st.warning(f"Cannot read {newest}: {e}")
-            return
-        if not isinstance(report, dict):
-            st.warning(f"{newest} is not an evaluate.py report.")
-            return
-        st.caption(f"Evaluation {newest.parent.name}: {report.get('n_pairs', '?')} pairs of "
-                   f"{report.get('pairs', '?')}")
-        figures = eval_figures(report)
-        for col, (key, value) in zip(st.columns(max(1, len(figures))), figures.items()):
-            col.metric(key, value)
-        if report.get("contaminated"):
-            st.warning("Some people in these pairs were seen in training: the figures are "
-                       "optimistic.")
-        if (newest.parent / "roc.png").is_file():
-            st.image(str(newest.parent / "roc.png"), caption="ROC curve")
-        with st.expander("results.json"):
-            st.json(report)
+    show_curves(run_dir)
+    st.subheader("Evaluation on LFW test pairs")
+    show_evaluations(run_dir, checkpoint)
 
 
 def main():
@@ -310,73 +516,21 @@ def main():
                "Photos stay on this machine.")
 
     logs = logs_dir()
-    rows = checkpoints(logs)
+    rows, skipped = checkpoints(logs)
     if not rows:
-        st.error(f"No trained model yet: there is no best_*.pt under `{logs}/`. "
-                 f"Train one with `{TRAIN_COMMAND}` (or `{TRAIN_SCRIPT}`), then reload this page.")
+        st.error(no_model_message(logs, skipped))
         st.stop()
+    path, mtime, ckpt, settings_json, threshold, half = sidebar(rows, skipped, logs)
 
-    with st.sidebar:
-        # Default: the newest best_accuracy.pt, whose threshold is the accuracy-optimal one.
-        newest = model.newest_checkpoint(logs)
-        default_index = next((i for i, r in enumerate(rows) if Path(r["path"]) == newest), 0)
-        row = st.selectbox(f"Model (checkpoint under {logs}/)", rows, index=default_index,
-                           format_func=describe)
-    path, mtime = str(row["path"]), row["mtime"]
-    try:  # loaded now, so that a broken checkpoint is reported before any photo is given
-        _, ckpt = load_net(path, mtime)
-        model.require_aligned_faces(ckpt, path)
-    except model.CheckpointError as e:
-        st.error(f"{e}. Or pick another checkpoint.")
-        st.stop()
-    image_size = ckpt["model_config"]["image_size"]
-    default = float(ckpt["threshold"])
-    lo, hi = slider_range(ckpt["model_config"], default)
-    with st.sidebar:
-        # One key per checkpoint: choosing another model starts at that model's threshold.
-        threshold = st.slider("Threshold (score ≥ threshold ⇒ same)", lo, hi, default,
-                              step=(hi - lo) / 400, format="%.3f", key=f"threshold:{path}:{mtime}",
-                              help="Starts at the threshold chosen on this checkpoint's "
-                                   "validation pairs.")
-        st.caption(f"Epoch {ckpt.get('epoch')}, validation accuracy "
-                   f"{accuracy_text(ckpt['metrics'].get('accuracy'))} at threshold {default:.3f}.")
-
-    data = data_dir()
-    if (data / "images").is_dir() and pairs_file(data):
-        st.button("Example pair from LFW", on_click=on_example,
-                  help="A matched or a mismatched pair at random from the local LFW copy")
-    if st.session_state.get("example_error"):
-        st.error(st.session_state["example_error"])
-
-    nonce = st.session_state.get("uploader_nonce", 0)
-    found = {}
-    for side, col in zip(SIDES, st.columns(2)):
-        with col:
-            key = f"upload_{side}_{nonce}"
-            st.file_uploader(f"Photo {side.upper()}", key=key, on_change=on_upload,
-                             args=(side, key), max_upload_size=MAX_MB,
-                             help=f"JPEG or PNG, up to {MAX_MB} MB and "
-                                  f"{MAX_PIXELS // 1_000_000} megapixels")
-            photo = st.session_state.get(f"photo_{side}")
-            if photo:
-                found[side] = show_photo(side, photo, image_size)
-
-    if len(found) < 2:
-        st.info("Upload two photos, or try an example pair, to compare their faces.")
-    elif all(found.values()):
-        score = pair_score(path, mtime, st.session_state["photo_a"], st.session_state["photo_b"])
-        same = score >= threshold
-        verdict = "Verdict: Same person" if same else "Verdict: Different people"
-        (st.success if same else st.warning)(verdict)
-        c1, c2, c3 = st.columns(3)
-        c1.metric("Score (higher = more alike)", f"{score:.3f}")
-        c2.metric("Threshold", f"{threshold:.3f}")
-        c3.metric("Score − threshold", f"{score - threshold:+.3f}")
-        example = st.session_state.get("example")
-        if example:
-            truth = "the same person" if example["same"] else "different people"
-            agree = "agrees" if example["same"] == same else "disagrees"
-            st.caption(f"LFW ({example['file']}) says: {truth}; the model {agree}.")
+    verdict_box = st.container()  # filled last, but drawn first: where the eye lands
+    results = photo_inputs(ckpt["model_config"]["image_size"], settings_json)
+    with verdict_box:
+        if len(results) < 2 or any(r["error"] for r in results.values()):
+            show_no_verdict(results)
+        else:
+            score = pair_score(path, mtime, st.session_state["photo_a"],
+                               st.session_state["photo_b"], settings_json)
+            show_verdict(score, threshold, half, ckpt["model_config"])
 
     show_run(path)
 

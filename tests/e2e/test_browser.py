@@ -1,10 +1,16 @@
-"""End to end: `streamlit run app.py` on 127.0.0.1, headless Chromium through Selenium uploads
-two photos and waits for the verdict, then saves a screenshot (E2E_SCREENSHOT or tmp).
+"""End to end: `streamlit run app.py` on 127.0.0.1 (with the project's .streamlit/config.toml),
+headless Chromium through Selenium uploads two photos and waits for the verdict, then saves a
+screenshot (E2E_SCREENSHOT or tmp).
+
+The fixture net is untrained but deterministic (seed 0, as in tests/test_app.py): the astronaut
+and her mirror image score about -0.13, so at its threshold of -0.3 the verdict is "Same person"
+and no close call.
 
 Skipped unless the browser and its driver are installed:
   apt-get install -y chromium chromium-driver && pip install -r requirements-e2e.txt
 """
 import io
+import json
 import os
 import shutil
 import socket
@@ -18,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+import faces
 import model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,18 +49,37 @@ def free_port():
         return s.getsockname()[1]
 
 
+THRESHOLD = -0.3
+
+
 def write_checkpoint(logs):
-    """An untrained tiny net in training.py's checkpoint format: the page only needs to load it."""
+    """An untrained tiny net in training.py's checkpoint format (crop settings included):
+    the page only needs to load it, and seed 0 makes its scores known (see above)."""
     torch.manual_seed(0)
     cfg = {"model": "compact", "image_size": 64, "embedding_dim": 32, "loss": "arcface",
            "distance": "cosine", "drop_layer4": False, "head_hidden": 1024, "head_depth": 1,
            "activation": "sigmoid", "p": 0.0, "init": "kaiming"}
-    row = {"accuracy": 0.61, "auc": 0.66, "threshold": -0.4}
+    row = {"accuracy": 0.61, "auc": 0.66, "threshold": THRESHOLD}
     run = logs / "compact-arcface-e2e"
     run.mkdir(parents=True)
-    torch.save({"model": model.build_model(cfg).state_dict(), "model_config": cfg,
-                "config": cfg, "epoch": 1, "step": 1, "metrics": row, "threshold": -0.4},
-               run / "best_accuracy.pt")
+    torch.save({"model": model.build_model(cfg).eval().state_dict(),
+                "model_config": {k: cfg[k] for k in model.MODEL_KEYS}, "config": cfg,
+                "epoch": 1, "step": 1, "metrics": row, "threshold": THRESHOLD,
+                "crop": faces.crop_settings()}, run / "best_accuracy.pt")
+    # Curves whose two losses differ in scale and an honest evaluation older than a
+    # contaminated one, as a real run has them, so the screenshot shows that part too.
+    (run / "metrics.csv").write_text("epoch,train_loss,loss,accuracy,auc\n"
+                                     "1,25.0,0.19,0.8,0.85\n2,6.0,0.18,0.86,0.92\n"
+                                     "3,1.3,0.17,0.89,0.95\n")
+    for name, pairs, accuracy, seen in (("eval-pairsDevTest-flip", "pairsDevTest.txt", 0.898, 0),
+                                        ("eval-pairs-flip", "pairs.txt", 0.948, 4000)):
+        (run / name).mkdir()
+        (run / name / "results.json").write_text(json.dumps(
+            {"checkpoint": str(run / "best_accuracy.pt"), "pairs": f"dataset/{pairs}",
+             "n_pairs": 6000, "auc": 0.9612, "eer": 0.0961, "tar@far=1e-3": 0.2224,
+             "kfold": {"mean": accuracy, "stderr": 0.0041}, "contaminated": bool(seen),
+             "people_seen_in_training": seen, "people_in_pairs": 5749}))
+        time.sleep(0.05)  # the contaminated one is the newer, as it was on the real run
 
 
 @pytest.fixture
@@ -65,9 +91,9 @@ def server(tmp_path):
            "LFW_DEMO_DATA": str(tmp_path / "no-dataset")}
     log = open(tmp_path / "streamlit.log", "wb")
     proc = subprocess.Popen(
+        # No watcher or usage-stats flags: .streamlit/config.toml must set them.
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port),
-         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+         "--server.address", "127.0.0.1", "--server.port", str(port)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -98,7 +124,7 @@ def browser(tmp_path):
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1500",
+                 "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,2600",
                  f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(flag)
     # An explicit driver path keeps Selenium Manager from trying to download one.
@@ -114,7 +140,9 @@ def test_two_uploads_show_a_verdict(server, browser, tmp_path):
     from skimage.data import astronaut  # public-domain photo with one clear face
     face = astronaut()
     paths = []
-    for name, array in (("astronaut.jpg", face), ("mirrored.jpg", face[:, ::-1].copy())):
+    # A long name, as phones write them: the page must show it whole.
+    mirrored = "mirrored_astronaut_IMG_20240701_183015_HDR_portrait_mode.jpg"
+    for name, array in (("astronaut.jpg", face), (mirrored, face[:, ::-1].copy())):
         buf = io.BytesIO()
         Image.fromarray(array).save(buf, format="JPEG", quality=90)
         (tmp_path / name).write_bytes(buf.getvalue())
@@ -150,7 +178,22 @@ def test_two_uploads_show_a_verdict(server, browser, tmp_path):
     verdict = wait_for("the verdict", lambda: next(
         (e for e in browser.find_elements(
             By.XPATH, "//*[starts-with(normalize-space(text()), 'Verdict:')]") if e.text), None))
-    assert verdict.text in ("Verdict: Same person", "Verdict: Different people")
+    assert verdict.text == "Verdict: Same person"
+    # The verdict is where the eye lands first: above both photos.
+    photos = [i for i in browser.find_elements(By.TAG_NAME, "img") if i.size["width"] > 100]
+    assert photos and verdict.location["y"] < min(i.location["y"] for i in photos)
+    assert f"Photo B: {mirrored}" in body()
     assert "Traceback" not in body()
+    assert "Deploy" not in body()  # .streamlit/config.toml: toolbarMode = "minimal"
+    # The honest figure leads, and no figure is cut off ("0.94…") by its column.
+    figures = wait_for("the evaluation figures", lambda: browser.find_elements(
+        By.CSS_SELECTOR, "[data-testid=stMetricValue]"))
+    assert [f.text for f in figures][3] == "89.8% ± 0.4%"
+    clipped = browser.execute_script(
+        "return [...document.querySelectorAll('[data-testid=stMetricValue] *')]"
+        ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)")
+    assert not clipped, f"metric values cut off: {clipped}"
+    log = (tmp_path / "streamlit.log").read_text(errors="replace")
+    assert "Inotify" not in log and "Traceback" not in log
     time.sleep(2)  # let the images and charts finish drawing for the screenshot
     assert browser.save_screenshot(str(shot)), f"could not write {shot}"
