@@ -1,14 +1,18 @@
 """Reproduce the results table: accuracy on the official LFW protocol under a fixed CPU
 training budget, and how fast each step runs.
 
-    python benchmark.py [--lfw ../shared/data/lfw] [--protocol view1|view2|all] [--minutes 30]
-        [--recipes seed,best] [--out results]
+    python benchmark.py [--protocol view1|view2|all] [--minutes 30] [--recipes seed,best]
+        [--out results] [--data-root dataset] [--lfw ARCHIVE_DIR] [--tables-only]
 
-It only runs the project's own scripts (download_data.py, crop_dataset_to_faces.py,
-trainer2.py, evaluate.py), each as a subprocess, and collects what they write. Every finished
-step is remembered in OUT/cache/state.json, so a crashed benchmark picks up where it stopped;
-crops are resumable anyway. Writes OUT/benchmark.json, OUT/benchmark.md (also copied into the
-marked sections of README.md and RECIPE.md), OUT/accuracy_vs_minutes.png, OUT/roc_view1.png.
+It reads LFW from --data-root (default dataset/, as `make data` / download_data.py leave it:
+images/ and the protocol files); only with --lfw does it first extract the archive and the
+protocol files of that folder into --data-root. It only runs the project's own scripts
+(download_data.py, crop_dataset_to_faces.py, trainer2.py, evaluate.py), each as a subprocess,
+and collects what they write. Every finished step is remembered in OUT/cache/state.json, so a
+crashed benchmark picks up where it stopped; crops are resumable anyway. Writes
+OUT/benchmark.json, OUT/benchmark.md (also copied into the marked sections of README.md and
+RECIPE.md), OUT/accuracy_vs_minutes.png, OUT/roc_view1.png. Every ± is the standard error of
+the mean over the 10 folds, as the LFW results page reports it.
 """
 import argparse
 import csv
@@ -44,20 +48,25 @@ SNAPSHOT_SHARES = (1 / 6, 1 / 3, 2 / 3)  # 5, 10 and 20 minutes of a 30-minute b
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lfw", default="../shared/data/lfw",
-                   help="folder with an LFW archive (*.tgz or *.zip) and the protocol files")
+    p.add_argument("--lfw", default=None,
+                   help="folder with an LFW archive (*.tgz or *.zip) and the protocol files, to "
+                        "extract into --data-root first (default: use --data-root as it is)")
     p.add_argument("--protocol", choices=["view1", "view2", "all"], default="all")
     p.add_argument("--minutes", type=float, default=30,
                    help="training budget per recipe (view2: split over the 10 folds)")
     p.add_argument("--recipes", default="seed,best", help=f"any of {', '.join(RECIPES)}")
     p.add_argument("--out", default="results")
-    p.add_argument("--data-root", default="dataset", help="where download_data.py extracts")
+    p.add_argument("--data-root", default="dataset",
+                   help="LFW as download_data.py leaves it: images/ and the protocol files")
     p.add_argument("--crops", default="cropped_dataset", help="crop cache")
     p.add_argument("--logs", default="logs", help="where the training runs go")
     p.add_argument("--docs", default=str(HERE),
                    help="folder whose README.md and RECIPE.md get the table ('' for none)")
     p.add_argument("--train-args", default="",
                    help="extra trainer2.py overrides for every run (for quick trials)")
+    p.add_argument("--tables-only", action="store_true",
+                   help="run nothing: rewrite OUT/benchmark.md and the docs' tables from "
+                        "OUT/benchmark.json")
     return p.parse_args(argv)
 
 
@@ -205,44 +214,62 @@ def view2(args, recipe, state, state_path, cache, bar):
 
 # ------------------------------------------------------------------ reporting
 
+# Every ± in the tables: the standard error of the mean over the 10 folds (std / sqrt(10)), the
+# convention of the LFW results page.
+PM = "mean ± standard error over the 10 folds"
+
+
 def table(results):
-    """The markdown table: no hand-typed numbers anywhere."""
+    """The markdown tables: no hand-typed numbers anywhere."""
     b = results
     threads = sorted({r["train_threads"] for r in b["view1"].values()}) or [b["machine"]["threads"]]
+    commits = ", ".join(f"`{c[:10]}`" for c in b["step_commits"])
     lines = [f"Budget: {b['minutes']:g} minutes of training per recipe on "
              f"{'/'.join(map(str, threads))} CPU threads ({b['machine']['cpu']}), from scratch, "
-             "LFW only. Reproduce with "
-             f"`{b['command']}`; numbers made by commit "
-             + ", ".join(f"`{c[:10]}`" for c in b["step_commits"]) + ".", ""]
+             f"LFW only. Numbers made by `{b['command']}` at "
+             f"commit{'s' if len(b['step_commits']) > 1 else ''} {commits}; `make bench` reruns "
+             "the benchmark on the `dataset/` that `make data` made.", ""]
     if b["view1"]:
-        r0 = next(iter(b["view1"].values()))
-        lines += [f"**View 1**: trained on {r0['train_people']:,} people of `peopleDevTrain.txt` "
-                  f"(the other {r0['val_people']:,} give the validation pairs), tested on the "
-                  "pairs of `pairsDevTest.txt` (no test person seen in training); "
-                  "10-fold threshold cross-validation, mean ± std.", "",
-                  "| recipe | accuracy | AUC | EER | TAR@FAR=1e-2 | TAR@FAR=1e-3 | "
-                  + " | ".join(f"acc. @ {m:g} min" for m in b["curve_minutes"]) + " |",
-                  "| --- " * (6 + len(b["curve_minutes"])) + "|"]
-        for name, r in b["view1"].items():
-            at = {c["minutes"]: c["accuracy"] for c in r["curve"]}
-            lines.append(
-                f"| {name} | {r['accuracy']:.2%} ± {r['std']:.2%} | {r['auc']:.4f} | "
-                f"{r['eer']:.2%} | {r['tar@far=1e-2']:.2%} | {r['tar@far=1e-3']:.2%} | "
-                + " | ".join(f"{at[m]:.2%}" if m in at else "n/a" for m in b["curve_minutes"])
-                + " |")
-        lines.append("")
+        lines += view1_table(b)
     if b["view2"]:
-        lines += ["**View 2**: the official protocol, a model per `people.txt` fold trained for "
-                  f"{b['minutes'] / 10:g} minutes on the other nine; mean ± standard error over "
-                  "the 10 folds.", "", "| recipe | accuracy | overlap of training and test people |",
-                  "| --- | --- | --- |"]
-        for name, r in b["view2"].items():
-            lines.append(f"| {name} | {r['accuracy']:.2%} ± {r['stderr']:.2%} | {r['overlap']} |")
-        lines.append("")
+        lines += view2_table(b)
+    lines += speed_table(b)
+    return "\n".join(lines) + "\n"
+
+
+def view1_table(b):
+    r0 = next(iter(b["view1"].values()))
+    lines = [f"**View 1**: trained on {r0['train_people']:,} people of `peopleDevTrain.txt` "
+             f"(the other {r0['val_people']:,} give the validation pairs), tested on the "
+             "pairs of `pairsDevTest.txt` (no test person seen in training); 10-fold threshold "
+             f"cross-validation, {PM}.", "",
+             "| recipe | accuracy | AUC | EER | TAR@FAR=1e-2 | TAR@FAR=1e-3 | "
+             + " | ".join(f"acc. @ {m:g} min" for m in b["curve_minutes"]) + " |",
+             "| --- " * (6 + len(b["curve_minutes"])) + "|"]
+    for name, r in b["view1"].items():
+        at = {c["minutes"]: c["accuracy"] for c in r["curve"]}
+        lines.append(
+            f"| {name} | {r['accuracy']:.2%} ± {r['stderr']:.2%} | {r['auc']:.4f} | "
+            f"{r['eer']:.2%} | {r['tar@far=1e-2']:.2%} | {r['tar@far=1e-3']:.2%} | "
+            + " | ".join(f"{at[m]:.2%}" if m in at else "n/a" for m in b["curve_minutes"])
+            + " |")
+    return lines + [""]
+
+
+def view2_table(b):
+    lines = ["**View 2**: the official protocol, a model per `people.txt` fold trained for "
+             f"{b['minutes'] / 10:g} minutes on the other nine; {PM}.", "",
+             "| recipe | accuracy | overlap of training and test people |", "| --- | --- | --- |"]
+    for name, r in b["view2"].items():
+        lines.append(f"| {name} | {r['accuracy']:.2%} ± {r['stderr']:.2%} | {r['overlap']} |")
+    return lines + [""]
+
+
+def speed_table(b):
     s = b["speed"]
-    lines += ["**Speed** on this machine:", "",
-              "| step | figure |", "| --- | --- |",
-              f"| crop (MTCNN, batched) | {s['crop_images_per_s']:.1f} images/s |"]
+    lines = ["**Speed** on this machine:", "",
+             "| step | figure |", "| --- | --- |",
+             f"| crop (MTCNN, batched) | {s['crop_images_per_s']:.1f} images/s |"]
     for name, r in b["view1"].items():
         flip = " (each image and its mirror)" if "--flip" in RECIPES[name]["eval"] else ""
         lines += [f"| train `{name}` | {r['train_images_per_s']:.0f} images/s |",
@@ -251,7 +278,7 @@ def table(results):
                   f"{r['view2_eval_pairs']:,} pairs) | "
                   f"{r['view2_eval_seconds']:.1f} s |"]
     lines.append(f"| peak memory (largest step) | {s['peak_rss_mb']:.0f} MB |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_docs(docs, text):
@@ -301,52 +328,73 @@ def cpu_model():
 
 # ------------------------------------------------------------------ main
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_recipes(args):
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = set(recipes) - set(RECIPES)
     if unknown:
         raise SystemExit(f"error: unknown recipe {', '.join(sorted(unknown))}; use "
                          f"{', '.join(RECIPES)}")
-    lfw = Path(args.lfw)
-    archives = sorted(lfw.glob("*.tgz")) + sorted(lfw.glob("*.zip")) if lfw.is_dir() else []
-    if not archives:
-        raise SystemExit(f"error: {lfw}: no LFW archive (*.tgz or *.zip) there; pass --lfw "
-                         "with the folder holding the archive and the protocol files")
-    out = Path(args.out)
-    cache = out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    state_path = cache / "state.json"
-    state = read_json(state_path) if state_path.exists() else {}
-    protocols = ["view1", "view2"] if args.protocol == "all" else [args.protocol]
-    started, commit = time.time(), git_commit()  # the code that produced the numbers
+    return recipes
 
-    bar = tqdm(total=2, desc="data", unit="step")
-    run_step("download", ["download_data.py", "--archive", archives[0], "--protocol-dir", lfw,
-                          "--root", args.data_root], state, state_path, cache)
-    bar.update()
-    run_step("crop", ["crop_dataset_to_faces.py", "--src", Path(args.data_root) / "images",
-                      "--dst", args.crops], state, state_path, cache)
-    bar.update(), bar.close()
+
+def lfw_archive(folder):
+    """The LFW archive in the folder given with --lfw."""
+    folder = Path(folder)
+    archives = sorted(folder.glob("*.tgz")) + sorted(folder.glob("*.zip")) if folder.is_dir() else []
+    if not archives:
+        raise SystemExit(f"error: {folder}: no LFW archive (*.tgz or *.zip) there; pass --lfw "
+                         "with the folder holding the archive and the protocol files")
+    return archives[0]
+
+
+def check_dataset(root, protocols):
+    """ROOT as download_data.py leaves it: images/ and the protocol files the protocols read
+    (View 1 also times an evaluation on pairs.txt)."""
+    root = Path(root)
+    need = {"view1": ["pairsDevTest.txt", "pairs.txt"], "view2": ["pairs.txt", "people.txt"]}
+    missing = [] if (root / "images").is_dir() else ["images/"]
+    missing += sorted({f for p in protocols for f in need[p] if not (root / f).is_file()})
+    if missing:
+        raise SystemExit(f"error: {root}: no {', '.join(missing)}; make it with `make data` "
+                         "(download_data.py), or pass --lfw with a folder holding an LFW "
+                         "archive and the protocol files")
+
+
+def prepare_data(args, archive, protocols, state, state_path, cache):
+    """Extract ARCHIVE (only when --lfw gave one) into --data-root, check it, crop the faces;
+    returns the crop speed in images/s."""
+    if archive is not None:
+        run_step("download", ["download_data.py", "--archive", archive, "--protocol-dir",
+                              args.lfw, "--root", args.data_root], state, state_path, cache)
+    check_dataset(args.data_root, protocols)
+    images = Path(args.data_root) / "images"
+    with tqdm(total=1, desc="crop", unit="step") as bar:
+        run_step("crop", ["crop_dataset_to_faces.py", "--src", images, "--dst", args.crops],
+                 state, state_path, cache)
+        bar.update()
     # Crop speed on a fixed sample, so that the figure does not depend on the crop cache.
     sample = cache / "crop_sample"
     shutil.rmtree(sample, ignore_errors=True)
-    crop_log = run_step("crop-speed", ["crop_dataset_to_faces.py", "--src",
-                                       Path(args.data_root) / "images", "--dst", sample,
-                                       "--limit", "320"], state, state_path, cache)["log"]
-    crop_speed = float(re.search(r"\(([\d.]+) images/s\)", Path(crop_log).read_text()).group(1))
+    crop_log = run_step("crop-speed", ["crop_dataset_to_faces.py", "--src", images, "--dst",
+                                       sample, "--limit", "320"], state, state_path, cache)["log"]
+    return float(re.search(r"\(([\d.]+) images/s\)", Path(crop_log).read_text()).group(1))
 
+
+def run_protocols(args, recipes, protocols, state, state_path, cache):
     results = {"view1": {}, "view2": {}}
     for protocol in protocols:
         steps = 2 * len(recipes) if protocol == "view1" else 10 * len(recipes)
-        bar = tqdm(total=steps, desc=protocol, unit="step")
-        for recipe in recipes:
-            run = view1 if protocol == "view1" else view2
-            results[protocol][recipe] = run(args, recipe, state, state_path, cache, bar)
-        bar.close()
+        run = view1 if protocol == "view1" else view2
+        with tqdm(total=steps, desc=protocol, unit="step") as bar:
+            for recipe in recipes:
+                results[protocol][recipe] = run(args, recipe, state, state_path, cache, bar)
+    return results
 
+
+def describe(args, argv, recipes, protocols, state, commit):
+    """What made the numbers: command, commits, budget, software and machine."""
     command = "python benchmark.py " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
-    results.update({
+    return {
         "step_commits": sorted({s.get("commit", "unknown") for s in state.values()}),
         "command": command.strip(), "minutes": args.minutes, "recipes": recipes,
         "recipe_overrides": {r: RECIPES[r] for r in recipes}, "protocols": protocols,
@@ -354,6 +402,41 @@ def main(argv=None):
         "git_commit": commit, "torch": torch.__version__,
         "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
                     "python": platform.python_version()},
+    }
+
+
+def write_tables(results, out, docs):
+    text = table(results)
+    (out / "benchmark.md").write_text(text)
+    if docs:
+        write_docs(docs, text)
+    return text
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.tables_only:
+        if not (out / "benchmark.json").is_file():
+            raise SystemExit(f"error: {out}: no benchmark.json to make the tables from")
+        print(write_tables(read_json(out / "benchmark.json"), out, args.docs))
+        return 0
+    recipes = check_recipes(args)
+    protocols = ["view1", "view2"] if args.protocol == "all" else [args.protocol]
+    # Check the inputs before writing anything.
+    archive = None if args.lfw is None else lfw_archive(args.lfw)
+    if archive is None:
+        check_dataset(args.data_root, protocols)
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    state_path = cache / "state.json"
+    state = read_json(state_path) if state_path.exists() else {}
+    started, commit = time.time(), git_commit()  # the code that produced the numbers
+
+    crop_speed = prepare_data(args, archive, protocols, state, state_path, cache)
+    results = run_protocols(args, recipes, protocols, state, state_path, cache)
+    results.update(describe(args, argv, recipes, protocols, state, commit))
+    results.update({
         "speed": {"crop_images_per_s": crop_speed,
                   # cached steps keep the figure of the run that made them
                   "peak_rss_mb": max([peak_rss_mb()] + [s.get("peak_rss_mb", 0)
@@ -361,13 +444,9 @@ def main(argv=None):
         "wall_seconds_this_invocation": time.time() - started,
     })
     (out / "benchmark.json").write_text(json.dumps(results, indent=2))
-    text = table(results)
-    (out / "benchmark.md").write_text(text)
     if results["view1"]:
         plot(results, out)
-    if args.docs:
-        write_docs(args.docs, text)
-    print(text)
+    print(write_tables(results, out, args.docs))
     print(f"wrote {out}/benchmark.json, benchmark.md and the plots")
     return 0
 
