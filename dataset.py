@@ -4,10 +4,12 @@ A pair is (image_a, image_b, label) with paths and label 1 for "same person". Po
 never pair an image with itself (the old project's did, 43% of the time), so people with a
 single image give no positives. Every split keeps training and test people apart.
 """
+import math
 import random
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -273,6 +275,71 @@ def eval_transform():
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
+# Batched augmentation: the same distribution as train_transform, drawn per image, applied to
+# a whole uint8 batch in a few tensor operations on the training device (no per-image Python).
+CROP_SCALE, CROP_RATIO, JITTER = (0.7, 1.0), (0.9, 1.1), 0.3
+
+
+def augment_params(n, augment_p=0.5, flip_p=0.5, generator=None, device="cpu"):
+    """Each image's random draw, as train_transform draws it: flip, crop box (width, height
+    and centre as fractions of the image), colour factors (1 = unchanged) in a random order,
+    and greyscale."""
+    def u(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=generator, device=device)
+
+    one = torch.ones(n, device=device)
+    # RandomResizedCrop's draw: up to 10 tries of (area, aspect), the first box that fits;
+    # at these ranges some always fits, else the whole image.
+    area = u(n, 10, lo=CROP_SCALE[0], hi=CROP_SCALE[1])
+    ratio = u(n, 10, lo=math.log(CROP_RATIO[0]), hi=math.log(CROP_RATIO[1])).exp()
+    w_try, h_try = (area * ratio).sqrt(), (area / ratio).sqrt()
+    fits = (w_try <= 1) & (h_try <= 1)
+    first = fits.int().argmax(1, keepdim=True)
+    crop = (u(n) < augment_p) & fits.any(1)
+    w = torch.where(crop, w_try.gather(1, first)[:, 0], one)
+    h = torch.where(crop, h_try.gather(1, first)[:, 0], one)
+    jitter = u(n) < augment_p
+    factors = [torch.where(jitter, u(n, lo=1 - JITTER, hi=1 + JITTER), one) for _ in range(3)]
+    return {"flip": u(n) < flip_p, "w": w, "h": h, "cx": w / 2 + u(n) * (1 - w),
+            "cy": h / 2 + u(n) * (1 - h), "brightness": factors[0], "contrast": factors[1],
+            "saturation": factors[2], "order": u(n, 3).argsort(1), "grey": u(n) < 0.1 * augment_p}
+
+
+def grey(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def augment_batch(images, size, augment_p=0.5, flip_p=0.5, generator=None):
+    """train_transform for a uint8 batch (N, 3, H, W) at once, on its own device, each image
+    with its own draw; normalised floats (N, 3, size, size) out. With every probability 0 it
+    is exactly eval_transform."""
+    params = augment_params(len(images), augment_p, flip_p, generator, images.device)
+    return apply_augment(images, params, size)
+
+
+def apply_augment(images, p, size):
+    """Flip and resized crop as one batch of affine grids, colour jitter by broadcasting, then
+    greyscale and normalisation."""
+    n, device = len(images), images.device
+    x = images.float() / 255
+    if p["flip"].any() or (p["w"] < 1).any() or (p["h"] < 1).any() or x.shape[-1] != size:
+        sign = 1 - 2 * p["flip"].float()  # a mirrored grid flips the image
+        theta = torch.zeros(n, 2, 3, device=device)
+        theta[:, 0, 0], theta[:, 0, 2] = sign * p["w"], 2 * p["cx"] - 1
+        theta[:, 1, 1], theta[:, 1, 2] = p["h"], 2 * p["cy"] - 1
+        grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    b, c, s = (p[k].view(n, 1, 1, 1) for k in ("brightness", "contrast", "saturation"))
+    for step in range(3):  # each image applies its three colour changes in its own order
+        op = p["order"][:, step].view(n, 1, 1, 1)
+        x = torch.where(op == 0, x * b, torch.where(
+            op == 1, c * x + (1 - c) * grey(x).mean((2, 3), keepdim=True),
+            s * x + (1 - s) * grey(x))).clamp(0, 1)
+    x = torch.where(p["grey"].view(n, 1, 1, 1), grey(x).expand_as(x), x)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    return (x - mean) / torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+
 class ImageBank:
     """Images by path, decoded once into memory (cache=True) or read on demand."""
 
@@ -300,6 +367,11 @@ class PairDataset(Dataset):
         a, b, label = self.pairs[i]
         return (self.transform(self.bank[a]), self.transform(self.bank[b]),
                 torch.tensor(label, dtype=torch.float32))
+
+
+def keep(image):
+    """No per-image transform: the uint8 image goes to augment_batch whole."""
+    return image
 
 
 class ImageDataset(Dataset):

@@ -15,6 +15,7 @@ image_size = 105               # input side in pixels: the paper's 105 (photos a
 cache_images = True            # decode every image once and keep it in memory
 augment_p = 0.5                # probability of the random crop and of the colour jitter
 num_workers = 0                # DataLoader worker processes (0: in the training process)
+batch_augment = True           # augment whole uint8 batches on the device (False: image by image)
 # ---- model
 model = "koch"                 # koch (Koch et al. 2015), compact (small ResNet), resnext
 pretrained = True              # resnext only: start from ImageNet weights (torchvision cache)

@@ -15,6 +15,7 @@ image_size = 112               # input side in pixels (crops are 112 px)
 cache_images = True            # decode every image once and keep it in memory
 augment_p = 0.8                # probability of the random crop and of the colour jitter
 num_workers = 0                # DataLoader worker processes (0: in the training process)
+batch_augment = True           # augment whole uint8 batches on the device (False: image by image)
 # ---- model
 model = "compact"              # koch (Koch et al. 2015), compact (small ResNet), resnext
 pretrained = True              # resnext only: start from ImageNet weights (torchvision cache)

@@ -248,7 +248,8 @@ def build_data(cfg):
     return SimpleNamespace(split=split, people=people, val_pairs=split["val_pairs"], bank=bank,
                            labels={n: i for i, n in enumerate(sorted(people))}, crop=crop,
                            n_train_images=len(bank.paths) - len(val_paths),
-                           transform=ds.train_transform(cfg["image_size"], cfg["augment_p"]))
+                           transform=ds.keep if cfg["batch_augment"] else
+                           ds.train_transform(cfg["image_size"], cfg["augment_p"]))
 
 
 def build_model_and_optimizer(cfg, n_classes, device):
@@ -540,6 +541,9 @@ def train_one_epoch(run, budget, snapshots):
             g["lr"] = cfg["lr"] * lr_factor(cfg, progress, state["step"], run.steps_per_epoch)
         x1, x2, y = (t.to(run.device, non_blocking=True) if t is not None else None
                      for t in unpack(batch, cfg["loss"]))
+        if cfg["batch_augment"]:  # uint8 batches, augmented here in a few tensor operations
+            x1, x2 = (ds.augment_batch(x, cfg["image_size"], cfg["augment_p"])
+                      if x is not None else None for x in (x1, x2))
         if cfg["channels_last"]:
             x1 = x1.contiguous(memory_format=torch.channels_last)
         with autocast(cfg["mixed_precision"], run.device):
