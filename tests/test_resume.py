@@ -184,3 +184,23 @@ def test_bad_settings_leave_no_run_folder(reference, tmp_path, bad):
     with pytest.raises(SystemExit, match=f"{name}"):
         training.main(vars(trainer2), tiny_args(root, tmp_path / "run", **{name: value}))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_protocol_file_that_is_not_utf8_is_one_line(reference, tmp_path, capsys):
+    """evaluate.py and training share the parser: a Latin-1 byte on line 3 names the line."""
+    import evaluate
+    root, full = reference
+    proto = tmp_path / "proto"
+    proto.mkdir()
+    lines = (root / "pairsDevTest.txt").read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"Test", b"T\xe9st")
+    (proto / "pairsDevTest.txt").write_bytes(b"\n".join(lines))
+    (proto / "peopleDevTrain.txt").write_bytes((root / "peopleDevTrain.txt").read_bytes())
+    code = evaluate.main([str(full / "best_accuracy.pt"), "--pairs", str(proto / "pairsDevTest.txt"),
+                          "--data", str(root / "images")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(error_lines(err)) == 1
+    assert f"{proto / 'pairsDevTest.txt'}:3: not UTF-8 text (byte 0xe9)" in err
+    code = training.main(vars(trainer2), tiny_args(root, tmp_path / "run", protocol_dir=proto))
+    err = capsys.readouterr().err
+    assert code == 1 and "pairsDevTest.txt:3: not UTF-8 text" in err and len(error_lines(err)) == 1
