@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime import git_commit
+from runtime import git_commit, write_atomic
 
 HERE = Path(__file__).resolve().parent
 # Each recipe: trainer2.py overrides, and evaluate.py flags.
@@ -89,7 +89,7 @@ def run_step(name, cmd, state, state_path, log_dir):
     # The commit that ran the step: cached steps keep theirs when later code reruns the rest.
     state[name] = {"seconds": time.time() - t0, "log": str(log), "commit": git_commit(),
                    "peak_rss_mb": peak_rss_mb()}
-    state_path.write_text(json.dumps(state, indent=2))
+    write_atomic(state_path, json.dumps(state, indent=2))  # a kill never loses the resume state
     return state[name]
 
 
@@ -289,7 +289,7 @@ def write_docs(docs, text):
         doc = path.read_text()
         new = re.sub(r"(<!-- benchmark:start -->\n).*?(<!-- benchmark:end -->)",
                      lambda m: m.group(1) + text + m.group(2), doc, flags=re.S)
-        path.write_text(new)
+        write_atomic(path, new)
 
 
 def plot(results, out):
@@ -407,7 +407,7 @@ def describe(args, argv, recipes, protocols, state, commit):
 
 def write_tables(results, out, docs):
     text = table(results)
-    (out / "benchmark.md").write_text(text)
+    write_atomic(out / "benchmark.md", text)
     if docs:
         write_docs(docs, text)
     return text
@@ -443,7 +443,7 @@ def main(argv=None):
                                                         for s in state.values()])},
         "wall_seconds_this_invocation": time.time() - started,
     })
-    (out / "benchmark.json").write_text(json.dumps(results, indent=2))
+    write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
     if results["view1"]:
         plot(results, out)
     print(write_tables(results, out, args.docs))
