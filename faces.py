@@ -221,6 +221,13 @@ def warp(images, matrices, size):
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+def face_matrix(box, landmarks, settings):
+    """Image -> crop matrix of one detected face in the settings' mode."""
+    if settings["mode"] == "align":
+        return align_matrix(landmarks, settings["size"])
+    return box_matrix(box, settings["size"], settings["margin"])
+
+
 def crop_faces(detector, images, settings, rule=None):
     """Detect, choose and crop one face per image (images of one size, batched), with the
     crop settings' mode, size and margin; rule defaults to the settings' own.
@@ -239,8 +246,7 @@ def crop_faces(detector, images, settings, rule=None):
             continue
         boxes, probs, points = det
         i = pick_face(boxes, probs, h, w, rule)
-        matrices.append(align_matrix(points[i], size) if settings["mode"] == "align"
-                        else box_matrix(boxes[i], size, settings["margin"]))
+        matrices.append(face_matrix(boxes[i], points[i], settings))
         infos.append({"found": True, "n_faces": len(boxes), "box": boxes[i].tolist(),
                       "landmarks": points[i].tolist(), "prob": float(probs[i])})
     return warp(images, matrices, size), infos
@@ -262,3 +268,23 @@ def face_for_model(detector, image, settings, rule=UPLOAD_RULE):
         raise FaceError("no face found")
     return jpeg_round_trip(crops[0], settings["jpeg_quality"]), {**infos[0], "rule": rule,
                                                                  "rule_text": RULES[rule]}
+
+
+def every_face_for_model(detector, image, settings):
+    """Every face of a photo as the checkpoint expects it (identify.py answers each face of a
+    query), largest visible first: a list of (crop, info), empty if there is none."""
+    det = detect(detector, [image])[0]
+    if det is None:
+        return []
+    boxes, probs, points = det
+    h, w = image.shape[1:]
+    clipped = np.column_stack([boxes[:, 0].clip(0, w), boxes[:, 1].clip(0, h),
+                               boxes[:, 2].clip(0, w), boxes[:, 3].clip(0, h)])
+    order = np.argsort(-(clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]),
+                       kind="stable")
+    crops = warp([image] * len(order), [face_matrix(boxes[i], points[i], settings) for i in order],
+                 settings["size"])
+    return [(jpeg_round_trip(crop, settings["jpeg_quality"]),
+             {"found": True, "n_faces": len(boxes), "box": boxes[i].tolist(),
+              "landmarks": points[i].tolist(), "prob": float(probs[i])})
+            for crop, i in zip(crops, order)]
