@@ -33,14 +33,20 @@ def test_real_protocol_files_parse_to_official_counts():
     assert ds.pair_people(ds.parse_pairs(d / "pairsDevTest.txt")) <= set(test)
 
 
-@needs_lfw
-def test_view2_folds_keep_training_people_and_test_pairs_disjoint(tmp_path):
-    d = Path(LFW_DIR)
-    folds = ds.parse_people(d / "people.txt")
-    pairs = ds.parse_pairs(d / "pairs.txt")
+def test_view2_splits_keep_every_fold_disjoint(lfw_root):
+    """make_split on the real protocol files: in every View 2 fold the training (and
+    validation) people and the test pairs' people are disjoint, the fold's 600 official pairs
+    are the test set, and every person of the other nine folds is used."""
+    folds = ds.parse_people(lfw_root / "people.txt")
+    pairs = ds.parse_pairs(lfw_root / "pairs.txt")
     for k in range(10):
-        train = set().union(*(f for j, f in enumerate(folds) if j != k))
-        assert not train & ds.pair_people([p for p in pairs if p[5] == k])
+        s = ds.make_split(lfw_root / "images", lfw_root, split="view2", fold=k)
+        seen = set(s["train"]) | set(s["val_people"])
+        test = {Path(p).parent.name for a, b, _ in s["test_pairs"] for p in (a, b)}
+        assert len(s["test_pairs"]) == 600 and not seen & test, k
+        assert seen == set().union(*(f for j, f in enumerate(folds) if j != k)), k
+        official = ds.pairs_to_paths([p for p in pairs if p[5] == k], lfw_root / "images")
+        assert s["test_pairs"] == official, k
 
 
 @pytest.mark.parametrize("text,message", [
@@ -172,6 +178,17 @@ def test_image_bank_cache_matches_reading_from_disk(tmp_path):
         assert torch.equal(cached[p], lazy[p])
 
 
+# ImageNet's statistics, written out here so that a change to dataset.MEAN/STD is caught.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def normalised(img):
+    """(v/255 - mean) / std per channel, by hand."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (img.double() / 255 - mean) / std
+
+
 def test_pair_dataset_gives_normalised_tensors_and_labels(tmp_path):
     write_people(tmp_path, {"A": 2, "B": 1}, size=40)
     paths = sorted(tmp_path.rglob("*.jpg"))
@@ -182,7 +199,30 @@ def test_pair_dataset_gives_normalised_tensors_and_labels(tmp_path):
     assert a.shape == b.shape == (3, 32, 32) and a.dtype == torch.float32
     assert label.item() == 0.0 and len(data) == 2
     plain = ds.eval_transform()(bank[paths[0]])
-    assert plain.mean().abs() < 3 and not torch.equal(plain, bank[paths[0]].float())
+    assert plain.dtype == torch.float32
+    assert torch.allclose(plain.double(), normalised(bank[paths[0]]), atol=1e-5)
+
+
+def test_normalisation_values_by_hand():
+    # Channel c of pixel (0, 0) holds 0, of pixel (0, 1) 255, of pixel (1, 0) 128.
+    img = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    img[:, 0, 1], img[:, 1, 0], img[:, 1, 1] = 255, 128, 51
+    out = ds.eval_transform()(img)
+    assert out[:, 0, 0].tolist() == pytest.approx([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225],
+                                                  abs=1e-5)
+    assert out[:, 0, 1].tolist() == pytest.approx([0.515 / 0.229, 0.544 / 0.224, 0.594 / 0.225],
+                                                  abs=1e-5)
+    assert torch.allclose(out.double(), normalised(img), atol=1e-5)
+    # Training images go through the same normalisation: with no augmentation, a constant
+    # image (which flips cannot change) comes out as the same constants.
+    flat = torch.full((3, 8, 8), 128, dtype=torch.uint8)
+    flat[1], flat[2] = 0, 255
+    bank = {"a": flat, "b": flat}
+    x, y, label = ds.PairDataset([("a", "b", 1)], bank, ds.train_transform(8, augment_p=0.0))[0]
+    assert torch.allclose(x.double(), normalised(flat), atol=1e-5) and torch.equal(x, y)
+    assert x[:, 3, 3].tolist() == pytest.approx([(128 / 255 - 0.485) / 0.229, -0.456 / 0.224,
+                                                 (1 - 0.406) / 0.225], abs=1e-5)
+    assert label.item() == 1.0
 
 
 def test_view2_fold_out_of_range_is_a_clear_error(tmp_path):

@@ -1,5 +1,6 @@
 """evaluate.py: the report against hand-computed and sklearn figures, View 2 folds, end to end
 on a tiny checkpoint, contamination, missing images and embed-once."""
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ import trainer2
 from conftest import LFW_DIR, needs_lfw, tiny_args, write_people, write_view1_protocol
 
 OUTPUTS = ("results.json", "roc.png", "scores.png", "errors.png")
+BF16_TOLERANCE = 0.02  # cosine scores: bf16 keeps 8 bits of mantissa
 TRAIN = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(16)}
 TEST = {f"Test_Person_{k:02d}": 3 + k % 2 for k in range(8)}
 
@@ -24,11 +26,14 @@ TEST = {f"Test_Person_{k:02d}": 3 + k % 2 for k in range(8)}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A checkpoint trained once on synthetic people (as conftest's synthetic_lfw lays them
-    out). Returns (root, checkpoint path)."""
+    out). Returns (root, checkpoint path). Trained and validated in fp32 (mixed_precision
+    off), so evaluate.py embeds in fp32 too and its figures can be compared exactly with an
+    fp32 reference; mixed_precision_copy makes the bf16 variant."""
     root = tmp_path_factory.mktemp("lfw")
     write_people(root / "images", {**TRAIN, **TEST})
     write_view1_protocol(root, TRAIN, TEST)
-    assert training.main(vars(trainer2), tiny_args(root, root / "run", epochs=2)) == 0
+    assert training.main(vars(trainer2), tiny_args(root, root / "run", epochs=2,
+                                                   mixed_precision=False)) == 0
     return root, root / "run" / "best_accuracy.pt"
 
 
@@ -42,6 +47,26 @@ def write_pairs(path, folds):
         lines += [f"{a}\t{i}\t{b}\t{j}" for a, i, b, j in mismatched]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def mixed_precision_copy(ckpt, path):
+    """The same weights, marked as trained with mixed_precision on (bf16 on the CPU)."""
+    saved = torch.load(ckpt, weights_only=True)
+    saved["config"]["mixed_precision"] = True
+    torch.save(saved, path)
+    return path
+
+
+def naive_scores(net, root, pairs, amp):
+    """Every pair scored on its own, images read from disk, in the given precision."""
+    return np.array([m.score_faces(net, 32, ds.load_image(ds.image_path(root / "images", a, i)),
+                                   ds.load_image(ds.image_path(root / "images", b, j)), amp=amp)
+                     for a, i, b, j, _, _ in pairs])
+
+
+def csv_scores(path):
+    with open(path, newline="") as f:
+        return np.array([float(row["score"]) for row in csv.DictReader(f)])
 
 
 def run(capsys, *argv):
@@ -220,13 +245,15 @@ def test_end_to_end_writes_every_output_and_matches_naive_scoring(tiny, capsys):
     assert set(r["time_s"]) == {"decode", "embed", "score", "total"}
     assert "contaminated" not in out and "embed" in out and "accuracy" in out
 
-    # Naive reference: every pair scored on its own, figures from sklearn.
+    # Naive reference: every pair scored on its own, figures from sklearn. Like with like: the
+    # checkpoint is fp32 (mixed_precision off), so evaluate.py and the reference both embed in
+    # fp32 and agree to rounding.
     net, saved = m.load_checkpoint(ckpt)
+    assert saved["config"]["mixed_precision"] is False
     pairs = ds.parse_pairs(root / "pairsDevTest.txt")
-    scores = np.array([m.score_faces(net, 32, ds.load_image(ds.image_path(root / "images", a, i)),
-                                     ds.load_image(ds.image_path(root / "images", b, j)))
-                       for a, i, b, j, _, _ in pairs])
+    scores = naive_scores(net, root, pairs, amp=False)
     labels = np.array([p[4] for p in pairs])
+    assert csv_scores(out_dir / "scores.csv") == pytest.approx(scores, rel=1e-5, abs=1e-6)
     assert r["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
     v = r["at_validation_threshold"]
     assert v["threshold"] == pytest.approx(saved["threshold"])
@@ -241,6 +268,22 @@ def test_end_to_end_writes_every_output_and_matches_naive_scoring(tiny, capsys):
         assert accuracy_score(labels[train], scores[train] >= t) == pytest.approx(best)
         assert acc == pytest.approx(accuracy_score(labels[folds == k], scores[folds == k] >= t))
     assert r["kfold"]["mean"] == pytest.approx(np.mean(r["kfold"]["fold_accuracies"]))
+
+
+def test_mixed_precision_checkpoint_is_embedded_in_bf16(tiny, tmp_path, capsys):
+    """A checkpoint trained with mixed_precision is embedded under bf16 autocast, as it was
+    validated, so its scores match a bf16 reference (to bf16 rounding, which depends on the
+    batch) and not the fp32 scores of the same weights."""
+    root, ckpt = tiny
+    amp = mixed_precision_copy(ckpt, tmp_path / "amp.pt")
+    code, _, _ = run(capsys, amp, "--pairs", root / "pairsDevTest.txt", "--out", tmp_path / "o")
+    assert code == 0
+    got = csv_scores(tmp_path / "o" / "scores.csv")
+    net, _ = m.load_checkpoint(amp)
+    pairs = ds.parse_pairs(root / "pairsDevTest.txt")
+    bf16, fp32 = naive_scores(net, root, pairs, amp=True), naive_scores(net, root, pairs, amp=False)
+    to_bf16, to_fp32 = np.abs(got - bf16).max(), np.abs(got - fp32).max()
+    assert to_bf16 < BF16_TOLERANCE and to_bf16 < to_fp32 / 2
 
 
 def test_flip_goes_to_its_own_folder_and_notes_the_threshold(tiny, capsys):

@@ -1,3 +1,4 @@
+import math
 import urllib.error
 
 import pytest
@@ -90,6 +91,56 @@ def test_arcface_margin_makes_the_true_class_harder():
     no_margin = m.ArcFace(4, 3, scale=10.0, margin=0.0)
     no_margin.weight.data.copy_(head.weight.data)
     assert head(e, ids) > no_margin(e, ids)
+
+
+def arcface_on_angles(thetas, margin, scale):
+    """An ArcFace head over two classes with centres (1, 0) and (0, 1), and one embedding per
+    angle theta from class 0's centre (class 1's cosine is then sin(theta)); all of class 0."""
+    head = m.ArcFace(2, 2, scale=scale, margin=margin)
+    head.weight.data.copy_(torch.eye(2))
+    thetas = torch.tensor(thetas, dtype=torch.float64)
+    e = torch.stack([thetas.cos(), thetas.sin()], 1).float()
+    return head, e, torch.zeros(len(thetas), dtype=torch.long)
+
+
+def arcface_loss_by_hand(true_logit, other_cos, scale):
+    """Cross-entropy of class 0 with logits (s * true_logit, s * other_cos)."""
+    return math.log1p(math.exp(scale * (other_cos - true_logit)))
+
+
+@pytest.mark.parametrize("theta", [3.0, 2.9])
+def test_arcface_past_pi_minus_margin_falls_back_to_a_cosface_shift(theta):
+    """theta + m >= pi (here m = 0.5, theta = 3.0 or 2.9 rad): cos(theta + m) would bend back up
+    (cos(3.5) > cos(3.0)), so the true-class logit is cos(theta) - m * sin(m) instead, which
+    stays below cos(theta)."""
+    margin, scale = 0.5, 4.0
+    head, e, ids = arcface_on_angles([theta], margin, scale)
+    target = math.cos(theta) - margin * math.sin(margin)
+    assert theta + margin >= math.pi and target < math.cos(theta) < math.cos(theta + margin)
+    want = arcface_loss_by_hand(target, math.sin(theta), scale)
+    assert head(e, ids).item() == pytest.approx(want, rel=1e-5)
+    # Not the bent-back value the formula without the fallback gives.
+    bent = arcface_loss_by_hand(math.cos(theta + margin), math.sin(theta), scale)
+    assert head(e, ids).item() != pytest.approx(bent, rel=1e-3)
+
+
+def test_arcface_picks_the_branch_per_sample():
+    """A batch with one sample on each side of pi - m: each gets its own branch, and the loss
+    is the batch mean."""
+    margin, scale = 0.5, 4.0
+    head, e, ids = arcface_on_angles([1.0, 3.0], margin, scale)
+    inside = arcface_loss_by_hand(math.cos(1.0 + margin), math.sin(1.0), scale)
+    past = arcface_loss_by_hand(math.cos(3.0) - margin * math.sin(margin), math.sin(3.0), scale)
+    assert head(e, ids).item() == pytest.approx((inside + past) / 2, rel=1e-5)
+    # Label smoothing eps mixes in the mean over classes of -log p: by hand for the pair.
+    eps = 0.2
+    def smoothed(t, o):
+        lp_true = -arcface_loss_by_hand(t, o, scale)
+        lp_other = -arcface_loss_by_hand(o, t, scale)
+        return -(1 - eps) * lp_true - eps * (lp_true + lp_other) / 2
+    want = (smoothed(math.cos(1.0 + margin), math.sin(1.0))
+            + smoothed(math.cos(3.0) - margin * math.sin(margin), math.sin(3.0))) / 2
+    assert head(e, ids, label_smoothing=eps).item() == pytest.approx(want, rel=1e-5)
 
 
 def test_embed_images_with_flip_sums_both_views():

@@ -2,6 +2,8 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,8 @@ import dataset as ds
 import model as m
 import training
 import trainer2
-from conftest import tiny_args
+from conftest import tiny_args, write_people, write_view1_protocol
+from runtime import git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["config.json", "metrics.csv", "curves.png", "last.pt"] + \
@@ -80,11 +83,23 @@ def test_lr_schedules():
 
 # ---------------------------------------------------------------- end to end
 
-@pytest.fixture
-def trained(synthetic_lfw, tmp_path):
-    run_dir = tmp_path / "run"
-    assert training.main(vars(trainer2), tiny_args(synthetic_lfw, run_dir)) == 0
-    return synthetic_lfw, run_dir
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One run shared by this module's tests, on a synthetic LFW laid out as conftest's
+    synthetic_lfw. Tests must not change it: copy it first (see copy_run)."""
+    root = tmp_path_factory.mktemp("lfw")
+    train = {**{f"Train_Person_{k:02d}": 4 + k % 3 for k in range(16)}, "Single_Image": 1}
+    test = {f"Test_Person_{k:02d}": 3 + k % 2 for k in range(8)}
+    write_people(root / "images", {**train, **test})
+    write_view1_protocol(root, train, test)
+    run_dir = root / "run"
+    assert training.main(vars(trainer2), tiny_args(root, run_dir)) == 0
+    return root, run_dir
+
+
+def copy_run(run_dir, to):
+    shutil.copytree(run_dir, to)
+    return to
 
 
 def test_trainer2_writes_every_file_and_applies_the_schedule(trained):
@@ -97,8 +112,12 @@ def test_trainer2_writes_every_file_and_applies_the_schedule(trained):
     lrs = [float(r["lr"]) for r in table]
     assert lrs[0] > lrs[1] > lrs[2] > 0  # cosine, really applied
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["config"]["epochs"] == 3 and len(config["git_commit"]) in (40, 7) or \
-        config["git_commit"] == "unknown"
+    assert config["config"]["epochs"] == 3
+    # The commit of this checkout, or "unknown" outside git (an exported copy).
+    assert config["git_commit"] == git_commit()
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", config["git_commit"])
+    if (ROOT / ".git").exists():
+        assert config["git_commit"] != "unknown"
     for name in FILES[4:]:
         ckpt = torch.load(run_dir / name, weights_only=True)
         assert ckpt["model_config"]["model"] == "compact" and "threshold" in ckpt
@@ -122,9 +141,10 @@ def test_best_checkpoints_hold_the_weights_of_their_own_best_epoch(trained):
         assert ckpt["threshold"] == pytest.approx(float(table[best_epoch - 1]["threshold"]))
 
 
-def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(trained, monkeypatch):
+def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(trained, monkeypatch,
+                                                                    tmp_path):
     root, full_dir = trained
-    run_dir = full_dir.parent / "interrupted"
+    run_dir = tmp_path / "interrupted"
     forward, calls = training.LossModel.forward, {"n": 0}
     per_epoch = json.loads((full_dir / "config.json").read_text())["train_images"] // 16
 
@@ -206,8 +226,9 @@ def test_ddp_with_two_gloo_processes(synthetic_lfw, tmp_path):
         assert (run_dir / name).is_file(), name
 
 
-def test_resume_fills_new_settings_and_keeps_explicit_overrides(trained):
-    root, run_dir = trained
+def test_resume_fills_new_settings_and_keeps_explicit_overrides(trained, tmp_path):
+    root, shared = trained
+    run_dir = copy_run(shared, tmp_path / "run")  # resuming changes the run
     config = json.loads((run_dir / "config.json").read_text())
     del config["config"]["snapshot_minutes"]  # a run saved before this setting existed
     (run_dir / "config.json").write_text(json.dumps(config))
