@@ -2,13 +2,19 @@
 
     python evaluate.py [CHECKPOINT | RUN_FOLDER] [--data cropped_dataset] [--pairs dataset/pairsDevTest.txt]
         [--flip] [--batch-size N] [--out DIR] [--skip-missing] [--device auto|cpu|cuda]
-        [--fold K]
+        [--fold K] [--identify]
 
 Each unique image is decoded and embedded once; pairs are then scored from the cached
 embeddings in one vectorised call. pairs.txt (View 2) keeps its 10 official folds; a
 single-set file is cut into 10 class-balanced folds; --fold K tests on one View 2 fold with a
 threshold from the other nine. Writes results.json, scores.csv, roc.png, scores.png and
 errors.png to --out (default: <checkpoint folder>/eval-<pairs stem>[-flip][-foldK]/).
+
+--identify measures 1:N identification on the same people instead: each person of the pairs
+file with two or more images is enrolled with the first by file name, their other images are
+mated probes and people with one image are non-mated probes. Writes results.json (rank-1,
+rank-5 and the CMC; DIR at FAR 1% and 10% as BLUFR reports them), probes.csv and cmc.png to
+--out (default: <checkpoint folder>/eval-identify-<pairs stem>[-flip][-foldK]/).
 """
 import argparse
 import csv
@@ -26,9 +32,10 @@ import numpy as np
 from sklearn.metrics import RocCurveDisplay
 
 import dataset as ds
+import identify
 import metrics
 import model as m
-from runtime import pick_device, set_threads, write_atomic
+from runtime import autocast, pick_device, set_threads, write_atomic
 
 N_ERRORS = 8        # worst false accepts and false rejects shown in errors.png
 N_MISSING = 5       # missing files named in the error
@@ -57,6 +64,10 @@ def parse_args(argv):
     p.add_argument("--fold", type=int, default=None,
                    help="View 2, one fold as the test set: the threshold is chosen on the other "
                         "folds' pairs and the figures are for this fold's pairs alone")
+    p.add_argument("--identify", action="store_true",
+                   help="1:N identification instead of pairs, on every image of the pairs "
+                        "file's people (with --fold, that fold's): rank-1/5 and the CMC "
+                        "(closed set), DIR at FAR 1%% and 10%% (open set, BLUFR)")
     return p.parse_args(argv)
 
 
@@ -289,6 +300,8 @@ def write_outputs(out, got, scored, report, cfg):
 
 
 def evaluate(args):
+    if args.identify:
+        return evaluate_identification(args)
     start = time.perf_counter()
     device = pick_device(args.device)
     set_threads()
@@ -322,6 +335,147 @@ def evaluate(args):
         print(f"fold {f['fold']}   accuracy {f['accuracy']:.4f} at threshold {f['threshold']:.4g} "
               f"chosen on the other folds ({got.n_other} pairs)")
     print(f"wrote results.json, scores.csv, roc.png, scores.png and errors.png to {out}")
+    return 0
+
+
+# ------------------------------------------------------------------ identification (--identify)
+
+def identification_sets(people):
+    """The 1:N split of {person: [image paths]}: a person with two or more images is enrolled
+    with the first by file name (deterministic) and the rest are mated probes; a person with
+    one image is a non-mated probe (not in the gallery). Returns (gallery, probes) as
+    [(person, path)]."""
+    gallery, probes = [], []
+    for name in sorted(people):
+        photos = sorted(people[name], key=lambda p: Path(p).name)
+        if len(photos) >= 2:
+            gallery.append((name, photos[0]))
+        probes += [(name, p) for p in photos[len(photos) >= 2:]]
+    return gallery, probes
+
+
+def identification_people(args, ckpt):
+    """The pairs file's people (with --fold, that official fold's) and all their images in
+    the data folder; every input problem as EvalError."""
+    pairs = ds.parse_pairs(args.pairs)
+    if args.fold is not None:
+        folds, protocol = pair_folds(pairs)
+        if "official" not in protocol or args.fold not in set(folds.tolist()):
+            raise EvalError(f"{args.pairs}: has no official fold {args.fold}; --fold needs a "
+                            "pairs file with official folds (pairs.txt has 0-9)")
+        pairs = [p for p, k in zip(pairs, folds) if k == args.fold]
+    data, data_source = choose_data(args.data, ckpt)
+    found, names = ds.read_identities(data), ds.pair_people(pairs)
+    missing = sorted(names - set(found))
+    if missing and not args.skip_missing:
+        more = f" and {len(missing) - N_MISSING} more" if len(missing) > N_MISSING else ""
+        raise EvalError(f"{len(missing)} people of {args.pairs} have no images in {data}: "
+                        f"{', '.join(missing[:N_MISSING])}{more}; crop them with `python "
+                        "crop_dataset_to_faces.py`, pass the right --data, or --skip-missing "
+                        "to leave them out")
+    people = {n: found[n] for n in sorted(names) if n in found}
+    gallery, probes = identification_sets(people)
+    if not gallery:
+        raise EvalError(f"{args.pairs}: none of its people has two images in {data}, so "
+                        "nobody can be enrolled; use a pairs file with matched pairs")
+    return SimpleNamespace(pairs=pairs, gallery=gallery, probes=probes, data=data,
+                           data_source=data_source, missing=missing, people=people)
+
+
+def embed_paths(net, paths, image_size, args, device, amp):
+    """Embeddings of image files, each decoded and embedded once, as model.score_pairs does
+    (dataset.decode_all, then model.embed_images under the checkpoint's autocast). Returns
+    (embeddings, images, seconds {decode, embed})."""
+    t0 = time.perf_counter()
+    images = ds.decode_all(paths, image_size)
+    t1 = time.perf_counter()
+    with autocast(amp, device):
+        emb = m.embed_images(net, images, ds.eval_transform(), args.batch_size, device, args.flip)
+    return emb, images, {"decode": t1 - t0, "embed": time.perf_counter() - t1}
+
+
+def plot_cmc(curve, name, path):
+    ranks = np.arange(1, len(curve) + 1)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(ranks, curve, marker="o", markersize=3, label=name)
+    ax.set_xticks(ranks[::max(1, len(ranks) // 10)] if len(ranks) > 10 else ranks)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("identification rate (closed set)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_probes(probes, labels, scores, path):
+    """Each probe's true person, whether it is enrolled, and the best-scoring gallery person."""
+    best = scores.argmax(1)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["probe", "person", "enrolled", "best_match", "best_score"])
+        for (name, p), i, s in zip(probes, best, scores.max(1)):
+            w.writerow([Path(p).name, name, int(name in labels), labels[i], f"{s:.6g}"])
+
+
+def print_identification(r):
+    lines = [f"checkpoint  {r['checkpoint']} ({r['model']}/{r['loss']}/{r['distance']}, "
+             f"epoch {r['epoch']})",
+             f"people      {r['pairs']}: {r['n_gallery']} enrolled (first photo each), "
+             f"{r['n_mated_probes']} mated probes, {r['n_nonmated_probes']} non-mated probes "
+             f"(people with one photo); data {r['data']}",
+             f"closed set  rank-1 {r['rank1']:.4f}, rank-5 {r['rank5']:.4f}"]
+    dirs = [f"{r[k]:.4f} at FAR {k.split('=')[1]}" for k in ("dir@far=0.01", "dir@far=0.1")
+            if r[k] is not None]
+    lines.append(f"open set    DIR {', '.join(dirs)}" if dirs else
+                 "open set    no non-mated probes (nobody with one photo): DIR not measured")
+    print("\n".join(lines))
+    if r["contaminated"]:
+        print(f"WARNING: {r['people_seen_in_training']} of {r['people_in_pairs']} people in "
+              f"{Path(r['pairs']).name} were seen in training: this result is contaminated")
+
+
+def evaluate_identification(args):
+    """evaluate.py --identify: embed every image of the people once, score every probe
+    against the gallery and write results.json, probes.csv and cmc.png."""
+    start = time.perf_counter()
+    device = pick_device(args.device)
+    set_threads()
+    path = m.resolve_checkpoint(args.checkpoint)
+    net, ckpt = m.load_checkpoint(path, device)
+    cfg = ckpt["model_config"]
+    got = identification_people(args, ckpt)
+    paths = [p for _, p in got.gallery + got.probes]
+    print(f"{len(got.people)} people of {args.pairs}: embedding their {len(paths)} images "
+          f"from {got.data} ({got.data_source})")
+    emb, _, seconds = embed_paths(net, paths, cfg["image_size"], args, device,
+                                  ckpt.get("config", {}).get("mixed_precision"))
+    t0 = time.perf_counter()
+    n = len(got.gallery)
+    scores = identify.score_matrix(net, emb[n:], identify.prepare_gallery(net, emb[:n])).numpy()
+    labels = [name for name, _ in got.gallery]
+    report = metrics.identification_summary(scores, [name for name, _ in got.probes], labels)
+    seconds["score"] = time.perf_counter() - t0
+    out = Path(args.out) if args.out else path.parent / (
+        f"eval-identify-{Path(args.pairs).stem}{'-flip' if args.flip else ''}"
+        f"{'' if args.fold is None else f'-fold{args.fold}'}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_probes(got.probes, labels, scores, out / "probes.csv")
+    plot_cmc(report["cmc"], f"{cfg['model']}/{cfg.get('loss')}", out / "cmc.png")
+    results = {"checkpoint": str(path), "checkpoint_sha256": sha256(path),
+               "model": cfg["model"], "loss": cfg.get("loss"), "distance": cfg.get("distance"),
+               "image_size": cfg["image_size"], "epoch": ckpt.get("epoch"),
+               "pairs": str(args.pairs), "fold": args.fold, "data": str(got.data),
+               "data_source": got.data_source, "flip": args.flip, "images": len(paths),
+               "people_missing": len(got.missing), "device": str(device),
+               "protocol": "closed set: first photo by name enrolled, the others probes; open "
+                           "set: people with one photo as non-mated probes; BLUFR DIR at rank 1",
+               **contamination(got.pairs, ckpt), **report,
+               "time_s": {**seconds, "total": time.perf_counter() - start}}
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
+    print_identification(results)
+    print(f"wrote results.json, probes.csv and cmc.png to {out}")
     return 0
 
 

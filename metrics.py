@@ -164,3 +164,95 @@ def summary(scores, labels, folds=None, threshold=None):
             "tar@far=1e-2": tar_at_far(scores, labels, 1e-2),
             "tar@far=1e-3": tar_at_far(scores, labels, 1e-3),
             "kfold": kfold, "at_threshold": at}
+
+
+# ---------------------------------------------------------------- identification (1:N)
+#
+# Conventions: ``scores`` is a (n_probes, n_gallery) matrix, HIGHER = more likely the same
+# person; ``gallery_labels`` names the person of each gallery column (a person may have
+# several columns) and ``probe_labels`` the person of each probe row. A probe is *mated* when
+# its person is in the gallery, *non-mated* otherwise. A gallery person's score for a probe is
+# the best of their columns (the rule identify.py uses; BLUFR scores a person the same way),
+# and ranks count people, not photos.
+
+def best_per_person(scores, gallery_labels):
+    """(person_scores (n_probes, n_people), people): each probe's best score over each gallery
+    person's columns, people sorted."""
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    labels = np.asarray(gallery_labels).ravel()
+    if scores.shape[1] != len(labels):
+        raise ValueError(f"scores have {scores.shape[1]} gallery columns but gallery_labels "
+                         f"has {len(labels)} labels")
+    people, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[order], np.arange(len(people)))
+    return np.maximum.reduceat(scores[:, order], starts, axis=1), people
+
+
+def identification_ranks(scores, probe_labels, gallery_labels):
+    """(ranks, mated): the rank (1 = best) of each mated probe's true person among the gallery
+    people, and the mated mask over all probes. Ties count against the probe: a person who
+    scores as high as the true one ranks above it, so a constant scorer gets the last rank
+    rather than the first."""
+    person, people = best_per_person(scores, gallery_labels)
+    probe_labels = np.asarray(probe_labels).ravel()
+    if len(probe_labels) != len(person):
+        raise ValueError(f"{len(person)} probe rows but {len(probe_labels)} probe labels")
+    mated = np.isin(probe_labels, people)
+    rows = person[mated]
+    true = rows[np.arange(len(rows)), np.searchsorted(people, probe_labels[mated])]
+    return (rows >= true[:, None]).sum(1), mated
+
+
+def cmc(ranks, max_rank=20):
+    """Cumulative match characteristic: the share of mated probes whose true person is within
+    the top r, for r = 1..max_rank (closed-set identification rate at rank r)."""
+    ranks = np.asarray(ranks).ravel()
+    if not len(ranks):
+        return [None] * max_rank
+    return [float(np.mean(ranks <= r)) for r in range(1, max_rank + 1)]
+
+
+def open_set_threshold(nonmated_best, far):
+    """The score threshold at which a share ``far`` of the non-mated probes raise a false
+    alarm (best score >= threshold), as BLUFR's OpenSetROC sets it (Liao et al. 2014): with
+    k = round(far * n) false alarms allowed (halves rounded up), the k-th highest non-mated
+    best score; with k = 0, just above the highest, so that none is accepted."""
+    best = np.sort(np.asarray(nonmated_best, dtype=np.float64).ravel())[::-1]
+    if not len(best):
+        raise ValueError("no non-mated probes: the open-set threshold needs some")
+    k = int(np.floor(far * len(best) + 0.5))  # MATLAB's round: halves away from zero
+    return float(np.nextafter(best[0], np.inf)) if k == 0 else float(best[min(k, len(best)) - 1])
+
+
+def dir_at_far(scores, probe_labels, gallery_labels, far):
+    """Open-set detection and identification rate at a false-alarm rate (BLUFR, rank 1): the
+    share of mated probes whose true person ranks first and whose score reaches the threshold
+    that open_set_threshold sets on the non-mated probes' best scores. Returns (DIR,
+    threshold)."""
+    person, _ = best_per_person(scores, gallery_labels)
+    ranks, mated = identification_ranks(scores, probe_labels, gallery_labels)
+    threshold = open_set_threshold(person[~mated].max(1), far)
+    top = person[mated].max(1)  # the true person's score when it ranks first
+    return float(np.mean((ranks == 1) & (top >= threshold))) if mated.any() else None, threshold
+
+
+def identification_summary(scores, probe_labels, gallery_labels, fars=(0.01, 0.1), max_rank=20):
+    """Closed-set rank-1 and rank-5 identification rates and the CMC over the mated probes,
+    and the open-set DIR at each false-alarm rate (None without non-mated probes), as
+    JSON-serialisable values."""
+    ranks, mated = identification_ranks(scores, probe_labels, gallery_labels)
+    curve = cmc(ranks, max_rank)
+    report = {"rank1": curve[0], "rank5": curve[min(5, max_rank) - 1], "cmc": curve,
+              "n_gallery": int(len(np.unique(np.asarray(gallery_labels)))),
+              "n_gallery_photos": int(len(np.asarray(gallery_labels).ravel())),
+              "n_mated_probes": int(mated.sum()), "n_nonmated_probes": int((~mated).sum()),
+              "open_set_thresholds": {}}
+    for far in fars:
+        key = f"dir@far={far:g}"
+        if mated.any() and (~mated).any():
+            report[key], report["open_set_thresholds"][key] = dir_at_far(
+                scores, probe_labels, gallery_labels, far)
+        else:
+            report[key] = None
+    return report
