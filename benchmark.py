@@ -44,6 +44,9 @@ RECIPES = {
     "best": {"train": [], "eval": ["--flip"]},
 }
 SNAPSHOT_SHARES = (1 / 6, 1 / 3, 2 / 3)  # 5, 10 and 20 minutes of a 30-minute budget
+# The training step of `best` by two paths, the same network and maths: the old one (per-image
+# augmentation, eager) against trainer2.py's defaults. Profiled alternately in one run.
+PATHS = {"old": ["--batch_augment=False", "--torch_compile=False"], "new": []}
 
 
 def parse_args(argv):
@@ -64,6 +67,11 @@ def parse_args(argv):
                    help="folder whose README.md and RECIPE.md get the table ('' for none)")
     p.add_argument("--train-args", default="",
                    help="extra trainer2.py overrides for every run (for quick trials)")
+    p.add_argument("--profile", action="store_true",
+                   help="time the parts of a `best` training step (DataLoader, augmentation, "
+                        "forward, backward, optimizer, validation) on the old and the new path, "
+                        "and the embedding throughput; writes OUT/profile.json, trains nothing")
+    p.add_argument("--profile-steps", type=int, default=20, help="steps timed per path and round")
     p.add_argument("--tables-only", action="store_true",
                    help="run nothing: rewrite OUT/benchmark.md and the docs' tables from "
                         "OUT/benchmark.json")
@@ -413,9 +421,53 @@ def write_tables(results, out, docs):
     return text
 
 
+def profile_paths(args, rounds=3):
+    """Each PATH's step breakdown, its rounds alternated so that drift on a shared machine hits
+    both alike; the median round of each. Then embedding throughput, eager against compiled."""
+    import trainer2
+    import training
+    base = [f"--data_dir={args.crops}", f"--protocol_dir={args.data_root}",
+            *RECIPES["best"]["train"], *args.train_args.split()]
+    runs = {name: [] for name in PATHS}
+    for _ in range(rounds):
+        for name, extra in PATHS.items():
+            runs[name].append(training.profile(vars(trainer2), base + extra,
+                                               steps=args.profile_steps))
+    median = {name: sorted(r, key=lambda x: x["images_per_s"])[len(r) // 2]
+              for name, r in runs.items()}
+    ratio = median["new"]["images_per_s"] / median["old"]["images_per_s"]
+    return {"paths": {name: {"overrides": PATHS[name], **median[name]} for name in PATHS},
+            "train_speed_ratio": ratio, "rounds": rounds,
+            "embedding": training.profile_embedding(vars(trainer2), base)}
+
+
+def profile_table(p):
+    parts = list(p["paths"]["old"]["ms_per_step"])
+    lines = ["| part of a `best` step | " + " | ".join(f"{k} path (ms)" for k in p["paths"]) + " |",
+             "| --- " * (1 + len(p["paths"])) + "|"]
+    for part in parts:
+        lines.append(f"| {part} | " + " | ".join(f"{r['ms_per_step'][part]:.1f}"
+                                                 for r in p["paths"].values()) + " |")
+    lines += ["| whole step | " + " | ".join(f"{r['step_ms']:.1f}" for r in p["paths"].values()) + " |",
+              "| images/s | " + " | ".join(f"{r['images_per_s']:.0f}" for r in p["paths"].values()) + " |",
+              "| validation (s, once) | " + " | ".join(f"{r['validation_s']:.1f}"
+                                                      for r in p["paths"].values()) + " |", "",
+              f"Training speed ratio, new path against old: **{p['train_speed_ratio']:.2f}x** "
+              f"(median of {p['rounds']} alternated rounds). Embedding: "
+              + ", ".join(f"{k} {v:.0f} images/s" for k, v in p["embedding"]["images_per_s"].items())
+              + f" (compile took {p['embedding']['compile_s']:.0f} s)."]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
+    if args.profile:
+        result = profile_paths(args)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "profile.json", json.dumps(result, indent=2))
+        print(profile_table(result))
+        return 0
     if args.tables_only:
         if not (out / "benchmark.json").is_file():
             raise SystemExit(f"error: {out}: no benchmark.json to make the tables from")

@@ -321,23 +321,34 @@ def apply_augment(images, p, size):
     """Flip and resized crop as one batch of affine grids, colour jitter by broadcasting, then
     greyscale and normalisation."""
     n, device = len(images), images.device
-    x = images.float() / 255
+    x = images.float().mul_(1 / 255)
     if p["flip"].any() or (p["w"] < 1).any() or (p["h"] < 1).any() or x.shape[-1] != size:
-        sign = 1 - 2 * p["flip"].float()  # a mirrored grid flips the image
-        theta = torch.zeros(n, 2, 3, device=device)
-        theta[:, 0, 0], theta[:, 0, 2] = sign * p["w"], 2 * p["cx"] - 1
-        theta[:, 1, 1], theta[:, 1, 2] = p["h"], 2 * p["cy"] - 1
-        grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
+        # The crop box as a sampling grid, built by broadcasting (no rotation, so no matmul):
+        # output pixel centres in [-1, 1], scaled by the box and mirrored where flipped.
+        base = (torch.arange(size, device=device) * 2 + 1) / size - 1
+        sign = 1 - 2 * p["flip"].float()
+        grid = torch.empty(n, size, size, 2, device=device)
+        grid[..., 0] = (sign * p["w"]).view(n, 1, 1) * base.view(1, 1, size) \
+            + (2 * p["cx"] - 1).view(n, 1, 1)
+        grid[..., 1] = p["h"].view(n, 1, 1) * base.view(1, size, 1) + (2 * p["cy"] - 1).view(n, 1, 1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    b, c, s = (p[k].view(n, 1, 1, 1) for k in ("brightness", "contrast", "saturation"))
-    for step in range(3):  # each image applies its three colour changes in its own order
-        op = p["order"][:, step].view(n, 1, 1, 1)
-        x = torch.where(op == 0, x * b, torch.where(
-            op == 1, c * x + (1 - c) * grey(x).mean((2, 3), keepdim=True),
-            s * x + (1 - s) * grey(x))).clamp(0, 1)
-    x = torch.where(p["grey"].view(n, 1, 1, 1), grey(x).expand_as(x), x)
+    # Each colour change is x -> a*x + b*mean(grey(x)) + c*grey(x) with per-image a, b, c
+    # (brightness: f, 0, 0; contrast: f, 1-f, 0; saturation: f, 0, 1-f), so one pass a change
+    # applies all three in each image's own order, clamped after each as torchvision does.
+    f = torch.stack([p["brightness"], p["contrast"], p["saturation"]], 1)  # (n, 3)
+    for step in range(3):
+        op = p["order"][:, step]
+        a = f.gather(1, op[:, None])[:, 0]
+        b = torch.where(op == 1, 1 - a, torch.zeros_like(a)).view(n, 1, 1, 1)
+        c = torch.where(op == 2, 1 - a, torch.zeros_like(a)).view(n, 1, 1, 1)
+        g = grey(x)
+        x.mul_(a.view(n, 1, 1, 1)).add_(b * g.mean((2, 3), keepdim=True))
+        x.addcmul_(c, g).clamp_(0, 1)
+    if p["grey"].any():
+        chosen = p["grey"].nonzero()[:, 0]
+        x[chosen] = grey(x[chosen]).expand(-1, 3, -1, -1)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    return (x - mean) / torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(torch.tensor(STD, device=device).view(1, 3, 1, 1))
 
 
 class ImageBank:

@@ -34,7 +34,7 @@ import faces
 import metrics
 from model import (ArcFace, CheckpointError, ModelConfig, PretrainedWeightsMissing,
                    batch_hard_triplet_loss, bce_loss, build_model, contrastive_loss,
-                   read_torch_file, score_pairs)
+                   embed_images, read_torch_file, score_pairs)
 from runtime import (autocast, free_cores, git_commit, pick_device, seed_everything,
                      set_threads, write_atomic)
 
@@ -258,6 +258,12 @@ def build_model_and_optimizer(cfg, n_classes, device):
     if cfg["channels_last"]:
         net = net.to(memory_format=torch.channels_last)
     model = LossModel(net, cfg, n_classes).to(device)
+    if cfg["torch_compile"]:
+        # The training step only (validation embeds faster eager here); in place, so the
+        # state_dict keys stay the plain ones. Where compiling fails (no C++ compiler, say),
+        # torch falls back to eager for the failing part instead of stopping the run.
+        torch._dynamo.config.suppress_errors = True
+        model.compile(dynamic=False)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True) \
         if cfg["ema"] else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -662,3 +668,93 @@ def print_finish(run):
     print(f"finished ({why}) after {state['epoch']} epochs, {state['minutes']:.1f} min. "
           f"Best validation: " + ", ".join(f"{k} {v:.4f}" for k, v in state["best"].items())
           + f". Checkpoints in {run.run_dir}/")
+
+
+# ------------------------------------------------------------------ profile
+
+def profile(namespace, argv, steps=20, warmup=3):
+    """Time the parts of a training step of the trainer's recipe (its defaults, then argv):
+    the DataLoader with its per-image transforms, the batch augmentation, forward, backward,
+    the optimizer step, and one validation. Returns milliseconds per step for each part and
+    the images per second of the whole step. Nothing is written."""
+    cfg = {**load_config(namespace, argv), "resume": ""}
+    device = pick_device(cfg["device"])
+    threads = set_threads(cfg["threads"] or None)
+    seed_everything(cfg["seed"])
+    data = build_data(cfg)
+    net, model, ema, optimizer, scaler = build_model_and_optimizer(cfg, len(data.labels), device)
+    model.train()
+    parts = dict.fromkeys(("data", "augment", "forward", "backward", "optimizer"), 0.0)
+
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    loader, done, images = iter(epoch_loader(cfg, data, 0, 0, 1)), 0, 0
+    started, warmup_s = clock(), 0.0
+    while done < warmup + steps:
+        if done == warmup and not warmup_s:  # the first steps compile, when torch_compile is on
+            warmup_s = clock() - started
+        t = [clock()]
+        batch = next(loader, None)
+        if batch is None:
+            loader = iter(epoch_loader(cfg, data, done, 0, 1))
+            continue
+        x1, x2, y = (v.to(device) if v is not None else None for v in unpack(batch, cfg["loss"]))
+        t.append(clock())
+        if cfg["batch_augment"]:
+            x1, x2 = (ds.augment_batch(x, cfg["image_size"], cfg["augment_p"])
+                      if x is not None else None for x in (x1, x2))
+        t.append(clock())
+        with autocast(cfg["mixed_precision"], device):
+            loss = model(x1, x2, y)
+        t.append(clock())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        t.append(clock())
+        scaler.step(optimizer)
+        scaler.update()
+        t.append(clock())
+        if done >= warmup:
+            for key, a, b in zip(parts, t, t[1:]):
+                parts[key] += (b - a) * 1000 / steps
+            images += len(x1) * (2 if x2 is not None else 1)
+        done += 1
+    t0 = clock()
+    validate(net, cfg, data.val_pairs, data.bank, device)
+    step_ms = sum(parts.values())
+    return {"ms_per_step": parts, "step_ms": step_ms, "images_per_s": images / steps / step_ms * 1000,
+            "validation_s": clock() - t0, "val_pairs": len(data.val_pairs),
+            "warmup_s": warmup_s, "warmup_steps": warmup,
+            "batch_size": cfg["batch_size"], "threads": threads, "device": str(device),
+            "steps": steps}
+
+
+def profile_embedding(namespace, argv, n_images=2048):
+    """Embedding throughput of the trainer's network on validation images, eager against
+    torch.compile (its compile time counted apart), in the run's mixed precision."""
+    cfg = load_config(namespace, argv)
+    device = pick_device(cfg["device"])
+    set_threads(cfg["threads"] or None)
+    data = build_data({**cfg, "cache_images": False})
+    paths = sorted({p for a, b, _ in data.val_pairs for p in (a, b)})[:n_images]
+    images = torch.stack([data.bank[p] for p in paths])
+    net = build_model(ModelConfig.from_dict(cfg)).to(device).eval()
+    out, compile_s = {}, 0.0
+    for name in ("eager", "compiled"):
+        if name == "compiled":
+            t0 = time.perf_counter()
+            net.backbone.compile(dynamic=False)
+            with autocast(cfg["mixed_precision"], device):  # the first calls compile
+                embed_images(net, images[:cfg["batch_size"]], ds.eval_transform(),
+                             cfg["batch_size"], device)
+                if len(images) % cfg["batch_size"]:
+                    embed_images(net, images[:len(images) % cfg["batch_size"]],
+                                 ds.eval_transform(), cfg["batch_size"], device)
+            compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with autocast(cfg["mixed_precision"], device):
+            embed_images(net, images, ds.eval_transform(), cfg["batch_size"], device)
+        out[name] = len(images) / (time.perf_counter() - t0)
+    return {"images_per_s": out, "compile_s": compile_s, "images": len(images)}

@@ -58,7 +58,7 @@ def tiny_args(root, run_dir, **kw):
     args = {"data_dir": root / "images", "protocol_dir": root, "image_size": 32, "epochs": 3,
             "batch_size": 16, "val_pairs": 40, "val_fraction": 0.25, "lr": 0.05,
             "embedding_dim": 32, "threads": 1, "run_name": run_dir, "warmup_epochs": 0,
-            "max_minutes": 0}
+            "max_minutes": 0, "torch_compile": False}  # compiling takes longer than these runs
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 

@@ -79,7 +79,7 @@ def test_a_kill_as_metrics_csv_gains_a_row_resumes_to_the_same_records(reference
 def test_a_kill_while_saving_best_checkpoints_is_repaired_on_resume(reference, monkeypatch):
     root, full = reference
     run_dir = root / "killed-best"
-    save, calls = torch.save, {"n": 0}
+    save = torch.save
 
     def dying(obj, path, *a, **k):
         if "best_" in str(path) and isinstance(obj, dict) and obj.get("epoch") == 2:

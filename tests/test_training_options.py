@@ -367,3 +367,20 @@ def test_results_json_has_every_key_benchmark_and_app_read(view2_run):
     assert [report for _, report in found] == [reports[fold], reports[whole]]
     for report in reports.values():
         assert len(app.eval_figures(report)) == 4
+
+
+def test_a_compiled_training_step_trains_and_saves_plain_weights(tmp_path):
+    """torch_compile=True (trainer2's default): the run trains, and its checkpoints load into
+    a plain network (no compiler prefixes in the keys)."""
+    root = tmp_path / "lfw"
+    train = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(12)}
+    test = {f"Test_Person_{k:02d}": 3 for k in range(4)}
+    write_people(root / "images", {**train, **test})
+    write_view1_protocol(root, train, test)
+    run_dir = tmp_path / "run"
+    assert training.main(vars(trainer2), tiny_args(root, run_dir, epochs=1,
+                                                   torch_compile=True)) == 0
+    net, ckpt = m.load_checkpoint(run_dir / "best_accuracy.pt")
+    assert not any("_orig_mod" in k for k in ckpt["model"]) and ckpt["config"]["torch_compile"]
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in last["model"])
