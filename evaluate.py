@@ -306,6 +306,8 @@ def evaluate(args):
     device = pick_device(args.device)
     set_threads()
     path = m.resolve_checkpoint(args.checkpoint)
+    if path.resolve() == m.SHIPPED:
+        print(m.describe_checkpoint(path))
     net, ckpt = m.load_checkpoint(path, device)
     cfg = ckpt["model_config"]
     got = load_pairs(args, ckpt)
@@ -443,6 +445,8 @@ def evaluate_identification(args):
     device = pick_device(args.device)
     set_threads()
     path = m.resolve_checkpoint(args.checkpoint)
+    if path.resolve() == m.SHIPPED:
+        print(m.describe_checkpoint(path))
     net, ckpt = m.load_checkpoint(path, device)
     cfg = ckpt["model_config"]
     got = identification_people(args, ckpt)

@@ -326,7 +326,7 @@ def identify(args, say=print):
     settings = m.checkpoint_crop_settings(ckpt, path)
     threshold = float(ckpt["threshold"] if args.threshold is None else args.threshold)
     source = "the checkpoint's validation threshold" if args.threshold is None else "--threshold"
-    say(f"checkpoint: {path} (threshold {threshold:.4f}, {source})")
+    say(f"{m.describe_checkpoint(path)} (threshold {threshold:.4f}, {source})")
     tools = SimpleNamespace(
         net=net, settings=settings, detector=faces.detector_for(settings, device),
         device=device, image_size=ckpt["model_config"]["image_size"],

@@ -469,14 +469,43 @@ def newest_checkpoint(logs="logs", name="best_accuracy.pt"):
     return max(paths, key=lambda p: p.stat().st_mtime) if paths else None
 
 
+SHIPPED = Path(__file__).resolve().parent / "models" / "lfw-compact.pt"
+
+
 def resolve_checkpoint(given=None, logs="logs"):
     """The checkpoint a user means: a file as given, a run folder's best_accuracy.pt, or with
-    nothing given the newest run's. CheckpointError (one line, with the fix) if none."""
+    nothing given the newest run's, else the model shipped in models/ (a run of one's own
+    takes precedence). CheckpointError (one line, with the fix) if none."""
     if given:
         path = Path(given)
         return path / "best_accuracy.pt" if path.is_dir() else path
     path = newest_checkpoint(logs)
+    if path is None and SHIPPED.is_file():
+        return SHIPPED
     if path is None:
         raise CheckpointError(f"no checkpoint: {logs}/ holds no <run>/best_accuracy.pt; train "
                               "one with `make train` or `python trainer2.py`, or pass one")
     return path
+
+
+def describe_checkpoint(path, logs="logs"):
+    """The first line a script prints: which model answers, and why that one."""
+    if Path(path).resolve() == SHIPPED:
+        return f"model: the shipped {SHIPPED.parent.name}/{SHIPPED.name} ({logs}/ holds no " \
+               "run of your own; see models/MODEL_CARD.md)"
+    return f"model: {path}"
+
+
+def export_weights(ckpt, path):
+    """A checkpoint as a small file to ship: weights only, in half precision, plus what
+    rebuilding the network and its faces needs and what it was validated at."""
+    from runtime import write_atomic
+    small = {"model": {k: v.half() if v.is_floating_point() else v
+                       for k, v in ckpt["model"].items()},
+             "model_config": ckpt["model_config"], "crop": ckpt.get("crop"),
+             "threshold": ckpt["threshold"], "metrics": ckpt["metrics"],
+             "epoch": ckpt.get("epoch"), "train_people": ckpt.get("train_people", []),
+             "config": {k: ckpt["config"][k] for k in ("mixed_precision", "data_dir", "split")
+                        if k in ckpt.get("config", {})},
+             "git_commit": ckpt.get("git_commit"), "shipped": True}
+    write_atomic(path, write=lambda tmp: torch.save(small, tmp))

@@ -9,13 +9,13 @@ the JPEG round trip). One rule differs from the crops: with several faces, an up
 most prominent one (the crops keep the one nearest the centre, as LFW labels them), and the
 output says so. Both faces are embedded and the score is compared with the threshold
 (default: the checkpoint's own validation threshold).
-Without --checkpoint, the newest logs/<run>/best_accuracy.pt is used.
+Without --checkpoint, the newest logs/<run>/best_accuracy.pt is used, or with no run of your
+own the model shipped in models/ (said on the first line).
 Exit status: 0 same person, 1 different people, 2 an error (one line on stderr).
 """
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import faces
 import model as m
@@ -41,16 +41,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def find_checkpoint(arg):
-    if arg:
-        return Path(arg)
-    path = m.newest_checkpoint(LOGS)
-    if path is None:
-        raise VerifyError(f"no checkpoint: {LOGS}/ holds no <run>/best_accuracy.pt; train one "
-                          "with `make train` or `python trainer2.py`, or pass --checkpoint")
-    return path
-
-
 def face(detector, path, image, settings):
     """The face of one photo as the checkpoint expects it, or a FaceError naming the file."""
     try:
@@ -61,7 +51,7 @@ def face(detector, path, image, settings):
 
 
 def verify(args):
-    path = find_checkpoint(args.checkpoint)
+    path = m.resolve_checkpoint(args.checkpoint, LOGS)
     images = [faces.read_image(p) for p in (args.image_a, args.image_b)]  # cheap checks first
     device = pick_device(args.device)
     set_threads()
@@ -80,7 +70,8 @@ def verify(args):
     return {"verdict": "same person" if same else "different people", "same": bool(same),
             "score": score, "threshold": float(threshold),
             "threshold_source": "checkpoint" if args.threshold is None else "--threshold",
-            "checkpoint": str(path), "images": [str(args.image_a), str(args.image_b)],
+            "checkpoint": str(path), "shipped": path.resolve() == m.SHIPPED,
+            "model_line": m.describe_checkpoint(path, LOGS), "images": [str(args.image_a), str(args.image_b)],
             "faces_per_image": [info_a["n_faces"], info_b["n_faces"]],
             "boxes": [info_a["box"], info_b["box"]], "crop_settings": settings,
             "warnings": warnings}
@@ -100,6 +91,8 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        if result["shipped"]:
+            print(result["model_line"])
         for w in result["warnings"]:
             print(f"warning: {w}")
         source = "the checkpoint's validation threshold" if result["threshold_source"] == \

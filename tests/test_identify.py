@@ -108,7 +108,7 @@ def test_the_enrolled_person_ranks_first_and_the_blank_photo_is_skipped(setup, t
                          "--threshold", -1e9)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"checkpoint: {s['ckpt']} (threshold -1000000000.0000, --threshold)"
+    assert lines[0] == f"model: {s['ckpt']} (threshold -1000000000.0000, --threshold)"
     assert "2 people in 3 photos with a face (1 skipped)" in lines[1]
     assert f"{s['query']}: 1 face" in out and "face 1 at [" in out and ": Eileen (score" in out
     assert err.strip() == f"warning: {gallery / 'Nobody' / 'n.jpg'}: skipped, no face found"

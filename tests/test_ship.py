@@ -1,0 +1,89 @@
+"""ship_model.py: a small half-precision checkpoint in models/ that verify.py, identify.py and
+the demo use when logs/ holds no run of one's own."""
+import hashlib
+import json
+
+import pytest
+import torch
+
+import dataset as ds
+import faces
+import model as m
+import ship_model
+import training
+import trainer2
+import verify
+from conftest import tiny_args, write_people, write_view1_protocol
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from skimage.data import astronaut
+    from PIL import Image
+    root = tmp_path_factory.mktemp("ship")
+    train = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(12)}
+    test = {f"Test_Person_{k:02d}": 3 for k in range(4)}
+    write_people(root / "images", {**train, **test})
+    write_view1_protocol(root, train, test)
+    (root / "images" / faces.SETTINGS_FILE).write_text(json.dumps(faces.crop_settings()))
+    assert training.main(vars(trainer2), tiny_args(root, root / "run", epochs=1)) == 0
+    Image.fromarray(astronaut()).save(root / "astronaut.jpg", quality=95)
+    return root
+
+
+def test_the_shipped_file_is_half_precision_weights_that_load_safely(trained, tmp_path):
+    out = tmp_path / "models" / "lfw-compact.pt"
+    assert ship_model.main([str(trained / "run" / "best_accuracy.pt"), "--out", str(out)]) == 0
+    small = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in small["model"].values() if v.is_floating_point())
+    assert out.stat().st_size < ship_model.MAX_MB * 2 ** 20
+    full_net, full = m.load_checkpoint(trained / "run" / "best_accuracy.pt")
+    net, ckpt = m.load_checkpoint(out)
+    assert ckpt["threshold"] == full["threshold"] and ckpt["crop"] == full["crop"]
+    x = ds.eval_transform()(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8))
+    with torch.no_grad():
+        assert torch.allclose(net.embed(x), full_net.embed(x), atol=2e-2, rtol=2e-2)
+    text = (out.parent / "MODEL_CARD.md").read_text()
+    assert f"{full['threshold']:.4f}" in text and "LFW only" in text and "Known limits" in text
+
+
+def test_scripts_use_the_shipped_model_when_logs_hold_no_run(trained, tmp_path, monkeypatch,
+                                                             capsys):
+    shipped = tmp_path / "models" / "lfw-compact.pt"
+    ship_model.main([str(trained / "run" / "best_accuracy.pt"), "--out", str(shipped)])
+    monkeypatch.setattr(m, "SHIPPED", shipped.resolve())
+    monkeypatch.chdir(tmp_path)
+    photo = trained / "astronaut.jpg"
+    capsys.readouterr()
+    assert verify.main([str(photo), str(photo), "--threshold=-1e9"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("model: the shipped models/lfw-compact.pt (logs/ holds no run")
+    (tmp_path / "logs" / "mine").mkdir(parents=True)  # a run of one's own takes precedence
+    (tmp_path / "logs" / "mine" / "best_accuracy.pt").write_bytes(
+        (trained / "run" / "best_accuracy.pt").read_bytes())
+    assert m.resolve_checkpoint() == m.Path("logs/mine/best_accuracy.pt")
+
+
+def test_a_checkpoint_that_cannot_take_faces_is_not_shipped(trained, tmp_path, capsys):
+    ckpt = torch.load(trained / "run" / "best_accuracy.pt", weights_only=True)
+    ckpt["crop"] = None
+    torch.save(ckpt, tmp_path / "photos.pt")
+    assert ship_model.main([str(tmp_path / "photos.pt"), "--out", str(tmp_path / "x.pt")]) == 1
+    assert "crop_settings.json" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.skipif(not m.SHIPPED.is_file(), reason="no model is shipped in models/ yet")
+def test_the_shipped_model_embeds_the_astronaut_as_recorded():
+    from skimage.data import astronaut
+    net, ckpt = m.load_checkpoint(m.SHIPPED)
+    settings = m.checkpoint_crop_settings(ckpt, m.SHIPPED)
+    image = torch.from_numpy(astronaut()).permute(2, 0, 1).contiguous()
+    face, _ = faces.face_for_model(faces.detector_for(settings), image, settings)
+    x = ds.eval_transform()(ds.fit(face, ckpt["model_config"]["image_size"])[None])
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(net.embed(x).float())[0]
+    rounded = [round(v, 2) + 0.0 for v in e.tolist()]  # + 0.0: no negative zeros
+    assert hashlib.sha256(json.dumps(rounded).encode()).hexdigest() == SHIPPED_EMBEDDING_SHA256
+
+
+SHIPPED_EMBEDDING_SHA256 = None  # set when a model is shipped: sha256 of the rounded vector
