@@ -1,26 +1,39 @@
-"""Web demo: are the faces in two photos the same person? Run: streamlit run app.py
+"""Web demo: are the faces in two photos the same person, and who is this? Run:
+streamlit run app.py
+
+Two pages, picked in the sidebar: "Same person?" (1:1 verification of two photos) and "Who is
+this?" (1:N identification of every face of a photo against a gallery of named people).
 
 Page code only. Decoding, detection and alignment come from faces.py, the network, its crop
-settings and its score from model.py and the LFW example pairs from dataset.py: the functions
-verify.py uses, so that the page and the command line agree on the same photos.
+settings and its score from model.py, the LFW example pairs from dataset.py and the gallery,
+its embedding cache and its search from identify.py: the functions verify.py and identify.py
+use, so that the page and the command line agree on the same photos.
 
-LFW_DEMO_LOGS (default logs) is where the checkpoints are looked for and LFW_DEMO_DATA
-(default dataset) is the LFW copy the example pairs come from; tests point them elsewhere.
-The photos reach the page through st.session_state["photo_a"] / ["photo_b"] as
+LFW_DEMO_LOGS (default logs) is where the checkpoints are looked for, LFW_DEMO_DATA (default
+dataset) is the LFW copy the example pairs and the LFW gallery come from, and LFW_DEMO_GALLERY
+(optional) is a <person>/<photo> folder offered as a gallery; tests point them elsewhere.
+The photos reach the verification page through st.session_state["photo_a"] / ["photo_b"] as
 {"name": str, "data": bytes, "rule": optional faces rule}: the upload boxes and the example
-button write them there.
+button write them there. People enrolled by upload are st.session_state["enrolled"], a list of
+{"person": str, "name": str, "data": bytes}.
 """
+import hashlib
+import io
 import json
 import os
 import random
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import streamlit as st
+import torch
 from PIL import Image, ImageDraw
 
 import dataset
 import faces
+import identify
 import model
 
 MAX_MB = 20
@@ -36,6 +49,14 @@ TRAIN_SCRIPT = "python trainer2.py"
 # -0.4 the band is ±0.09 (the +0.066 "Same person" a user saw is inside it); for a bce model
 # it is ±0.45 logits, a 39-61% probability of "same".
 CLOSE_SHARE = 0.15
+PAGES = ("Same person?", "Who is this?")
+TOP = 5          # people shown per face, as identify.py's --top default
+THUMB = 110      # match thumbnails' side in pixels: five fit in a row beside the photo
+# A folder gallery with more new photos than this is embedded only when asked: LFW's 13,233
+# take minutes of CPU the first time, which a visit to the page should not start by itself.
+CONFIRM_OVER = 500
+MARKDOWN_SPECIALS = set("\\`*_{}[]<>()#+-.!|~$:")
+BOX_COLOURS = ((0, 255, 0), (255, 170, 0), (0, 170, 255), (255, 0, 255), (255, 255, 0))
 
 
 def logs_dir():
@@ -44,6 +65,11 @@ def logs_dir():
 
 def data_dir():
     return Path(os.environ.get("LFW_DEMO_DATA", "dataset"))
+
+
+def gallery_env():
+    value = os.environ.get("LFW_DEMO_GALLERY", "").strip()
+    return Path(value) if value else None
 
 
 def percent(value, digits=1):
@@ -61,12 +87,18 @@ def read_photo(data, name):
     return faces.decode(data, name)
 
 
-def draw_face(image, info):
-    """The photo as a PIL image, shrunk for display, with the face box and landmarks."""
+def shrunk(image):
+    """(PIL image at most DISPLAY_SIDE on a side, its scale) of a uint8 image tensor."""
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     scale = min(1.0, DISPLAY_SIDE / max(pil.size))
     if scale < 1.0:
         pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))))
+    return pil, scale
+
+
+def draw_face(image, info):
+    """The photo as a PIL image, shrunk for display, with the face box and landmarks."""
+    pil, scale = shrunk(image)
     if info and info.get("box"):
         draw = ImageDraw.Draw(pil)
         line = max(2, round(max(pil.size) / 200))
@@ -509,11 +541,380 @@ def show_run(checkpoint):
     show_evaluations(run_dir, checkpoint)
 
 
+# ------------------------------------------------------------------ "Who is this?": the gallery
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def checkpoint_sha(path, mtime):
+    """The checkpoint's content hash: identify.py keys its gallery cache by it."""
+    return identify.sha256_file(path)
+
+
+def checkpoint_tools(path, mtime, settings_json):
+    """identify.py's tools for the sidebar's checkpoint: the verification page's own cached
+    net and detector and its crop settings, so that both pages see a face alike."""
+    net, ckpt = load_net(path, mtime)
+    return SimpleNamespace(
+        net=net, settings=json.loads(settings_json), detector=detector(settings_json),
+        device=next(net.parameters()).device, image_size=ckpt["model_config"]["image_size"],
+        amp=ckpt.get("config", {}).get("mixed_precision", False),
+        ckpt_sha=checkpoint_sha(path, mtime))
+
+
+def gallery_sources():
+    """{label: folder or None} of the galleries on offer, the first the default: the
+    LFW_DEMO_GALLERY folder (set on purpose, so it leads), LFW's people when the copy is
+    there, and people enrolled on this page (None), always."""
+    sources = {}
+    if gallery_env():
+        sources[f"Folder {gallery_env()}"] = gallery_env()
+    if (data_dir() / "images").is_dir():
+        sources[f"LFW people ({data_dir() / 'images'})"] = data_dir() / "images"
+    sources["People I enrol here"] = None
+    return sources
+
+
+@st.cache_resource
+def gallery_store():
+    """Loaded folder galleries, {key: gallery}, the last two, shared by every session: a
+    rerun (a slider moved, a photo given) must not hash a 13,233-photo folder again."""
+    return {}
+
+
+def files_key(folder, files, ckpt_sha):
+    """What a loaded folder gallery depends on: the checkpoint and every file's path, size and
+    modification time (a changed photo changes its content hash too, in identify's cache)."""
+    digest = hashlib.sha256()
+    for _, p in files:
+        try:
+            stat = p.stat()
+            digest.update(f"{p}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # gone since the listing: load_gallery warns about it
+            digest.update(f"{p}\0gone\n".encode())
+    return f"{Path(folder).resolve()}:{ckpt_sha}:{digest.hexdigest()}"
+
+
+def cache_state(folder, files, tools):
+    """identify.py's cache of the folder as load_gallery reads it: (known, failed, live
+    hashes, [(path, sha256)] of the photos not embedded yet)."""
+    hashes = {}
+    for _, p in files:
+        try:
+            hashes[p] = identify.sha256_file(p)
+        except OSError:
+            continue  # load_gallery warns about it
+    known, failed = identify.load_cache(identify.cache_path(folder, tools.ckpt_sha),
+                                        tools.ckpt_sha)
+    todo = {h: p for p, h in hashes.items() if h not in known and h not in failed}
+    return known, failed, set(hashes.values()), [(p, h) for h, p in todo.items()]
+
+
+def embed_with_progress(folder, state, tools):
+    """Embed the new photos into identify.py's cache in batches, under a progress bar, and
+    save it; load_gallery then finds every photo cached. Done here because load_gallery embeds
+    in one call with no progress hook, and a first LFW gallery takes minutes."""
+    known, failed, live, todo = state
+    where = identify.cache_path(folder, tools.ckpt_sha)
+
+    def save():
+        identify.save_cache(where, tools.ckpt_sha, known, failed, live)
+    bar = st.progress(0.0, text=f"Embedding the gallery: 0 of {len(todo):,} new photos…")
+    last_save = time.monotonic()
+    for start in range(0, len(todo), identify.BATCH):
+        identify.embed_new(todo[start:start + identify.BATCH], tools, known, failed, save)
+        done = min(start + identify.BATCH, len(todo))
+        bar.progress(done / len(todo), text=f"Embedding the gallery: {done:,} of "
+                                            f"{len(todo):,} new photos…")
+        if time.monotonic() - last_save > identify.SAVE_EVERY_S:  # a closed tab loses less
+            save()
+            last_save = time.monotonic()
+    save()
+    bar.empty()
+
+
+def folder_gallery(folder, tools):
+    """identify.py's gallery of a <person>/<photo> folder, its cache beside it brought up to
+    date (with a progress bar, and after a button press when there are many new photos).
+    Returns (gallery, key), the gallery None while it waits for the button; IdentifyError
+    if the folder is unusable."""
+    files = identify.gallery_files(folder)
+    key, store = files_key(folder, files, tools.ckpt_sha), gallery_store()
+    if key in store:  # loaded before: nothing is embedded now
+        return SimpleNamespace(**{**vars(store[key]), "n_new": 0}), key
+    with st.spinner(f"Reading the {len(files):,} photos of {folder}…"):
+        state = cache_state(folder, files, tools)
+    todo = state[3]
+    if len(todo) > CONFIRM_OVER and not st.session_state.get(f"embed:{key}"):
+        st.info(f"{len(todo):,} of the gallery's {len(files):,} photos are not embedded yet "
+                "for this checkpoint. That takes minutes on a CPU, once: the embeddings are "
+                f"then cached beside the photos ({identify.cache_path(folder, tools.ckpt_sha).name}).")
+        if st.button(f"Embed {len(todo):,} photos"):
+            st.session_state[f"embed:{key}"] = True
+            st.rerun()
+        return None, key
+    if todo:
+        embed_with_progress(folder, state, tools)
+    gallery = identify.load_gallery(folder, files, tools)  # all cached: it embeds nothing
+    gallery.n_new = len(todo)
+    while len(store) >= 2:
+        store.pop(next(iter(store)))
+    store[key] = gallery
+    return gallery, key
+
+
+@st.cache_data(max_entries=256, show_spinner="Embedding the gallery photo…")
+def enrolled_embedding(data, name, path, mtime, settings_json):
+    """(embedding (1, d), None) of an enrolled photo's face, or (None, why not): analyse()'s
+    face, embedded by identify.py as a folder gallery's photos are. Cached per checkpoint, so
+    a rerun embeds nothing; errors are returned, not raised, so that the cache keeps them."""
+    result = analyse(data, name, faces.UPLOAD_RULE, settings_json)
+    if result["error"]:
+        return None, result["error"]
+    tools = checkpoint_tools(path, mtime, settings_json)
+    return identify.embed_faces(tools.net, [result["crop"]], tools.image_size, tools.device,
+                                tools.amp), None
+
+
+def enrolled_gallery(enrolled, path, mtime, settings_json):
+    """The enrolled people as an identify.py gallery (the fields answer_faces reads); each
+    photo is "enrolled:<index>" in it. IdentifyError when no photo has a face."""
+    people, person_of, rows, photos, warnings = [], [], [], [], []
+    for i, entry in enumerate(enrolled):
+        emb, error = enrolled_embedding(entry["data"], entry["name"], path, mtime, settings_json)
+        if emb is None:  # had a face under another checkpoint's crop settings
+            warnings.append(f"{entry['person']}: skipped, {error}")
+            continue
+        if entry["person"] not in people:
+            people.append(entry["person"])
+        person_of.append(people.index(entry["person"]))
+        rows.append(emb)
+        photos.append(f"enrolled:{i}")
+    if not rows:
+        raise identify.IdentifyError("No face found in any enrolled photo for this checkpoint; "
+                                     "enrol photos where the face is clearly visible")
+    person_of = torch.tensor(person_of)
+    net, _ = load_net(path, mtime)
+    return SimpleNamespace(
+        folder=None, people=people, photos=photos, person_of=person_of,
+        members=[torch.nonzero(person_of == i).flatten() for i in range(len(people))],
+        matrix=identify.prepare_gallery(net, torch.cat(rows)), warnings=warnings, n_new=0,
+        n_files=len(enrolled))
+
+
+def on_enrol(key, settings_json):
+    """Add the chosen photo under the typed name, once its face is found; else say why."""
+    upload, person = st.session_state.get(key), st.session_state.get("enrol_name", "").strip()
+    error = None
+    if upload is None:
+        error = "Choose a photo of the person first, then press “Add to gallery”."
+    elif not person:
+        error = f"Type the name of the person in {upload.name} first."
+    else:
+        data = upload.getvalue()
+        error = analyse(data, upload.name, faces.UPLOAD_RULE, settings_json)["error"]
+    st.session_state["enrol_error"] = error
+    if error:
+        return
+    st.session_state.setdefault("enrolled", []).append(
+        {"person": person, "name": upload.name, "data": data})
+    st.session_state["enrol_name"] = ""
+    st.session_state["enrol_nonce"] = st.session_state.get("enrol_nonce", 0) + 1  # empties the box
+
+
+def on_clear_enrolled():
+    st.session_state["enrolled"] = []
+    st.session_state.pop("enrol_error", None)
+
+
+def enrol_form(settings_json):
+    """Name, photo and "Add to gallery"; then who is enrolled, with a button to start over."""
+    nonce = st.session_state.get("enrol_nonce", 0)
+    left, right = st.columns([1, 2])
+    left.text_input("Name", key="enrol_name", placeholder="e.g. Eileen Collins")
+    key = f"enrol_photo_{nonce}"
+    right.file_uploader("Their photo", key=key, max_upload_size=MAX_MB,
+                        help=f"JPEG or PNG, up to {MAX_MB} MB; its most prominent face is used")
+    st.button("Add to gallery", key="enrol", on_click=on_enrol, args=(key, settings_json))
+    if st.session_state.get("enrol_error"):
+        st.error(st.session_state["enrol_error"])
+    enrolled = st.session_state.get("enrolled", [])
+    if enrolled:
+        counts = {}
+        for entry in enrolled:
+            counts[entry["person"]] = counts.get(entry["person"], 0) + 1
+        st.caption("Enrolled: " + ", ".join(f"{display_name(p)} ({n} photo{'s' if n > 1 else ''})"
+                                            for p, n in counts.items()))
+        st.button("Remove everyone", key="clear_enrolled", on_click=on_clear_enrolled)
+    return enrolled
+
+
+def pick_gallery(path, mtime, settings_json, tools):
+    """The gallery chooser and the chosen gallery: (gallery, key) or (None, None) with the
+    reason on the page in one line."""
+    sources = gallery_sources()
+    label = st.radio("Gallery: the people to search", list(sources), key="gallery_source",
+                     horizontal=True)
+    folder = sources[label]
+    try:
+        if folder is None:
+            enrolled = enrol_form(settings_json)
+            if not enrolled:
+                st.info("Enrol at least one person: type their name, choose their photo and "
+                        "press “Add to gallery”. Add more photos under the same name to "
+                        "enrol them more than once.")
+                return None, None
+            gallery = enrolled_gallery(enrolled, path, mtime, settings_json)
+            key = (tools.ckpt_sha, tuple((e["person"], hashlib.sha256(e["data"]).hexdigest())
+                                         for e in enrolled))
+        else:
+            gallery, key = folder_gallery(folder, tools)
+            if gallery is None:
+                return None, None
+    except (identify.IdentifyError, OSError) as e:
+        st.error(f"{e}")
+        return None, None
+    show_gallery_summary(gallery)
+    return gallery, key
+
+
+def show_gallery_summary(gallery):
+    """One line on the gallery, and the photos it left out, folded."""
+    skipped = gallery.n_files - len(gallery.photos)
+    line = (f"Gallery: {len(gallery.people):,} people in {len(gallery.photos):,} photos with "
+            f"a face ({skipped:,} skipped)")
+    if gallery.folder is not None:
+        line += (f"; {gallery.n_new:,} photos embedded now, the others from the cache beside "
+                 "the photos")
+    st.caption(line + ".")
+    if gallery.warnings:
+        with st.expander(f"{len(gallery.warnings):,} gallery photo(s) left out"):
+            for warning in gallery.warnings[:200]:
+                st.text(warning)  # plain text: paths and names, unescaped
+
+
+# ------------------------------------------------------------------ "Who is this?": the answers
+
+def draw_faces(image, boxes):
+    """The photo, shrunk for display, with every face boxed and numbered as listed."""
+    pil, scale = shrunk(image)
+    draw = ImageDraw.Draw(pil)
+    line = max(2, round(max(pil.size) / 200))
+    for i, box in enumerate(boxes):
+        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
+        x0, y0, x1, y1 = (c * scale for c in box)
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=line)
+        draw.text((x0 + line + 2, max(0, y0 - 12 - line)), str(i + 1), fill=colour)
+    return pil
+
+
+@st.cache_data(max_entries=16, show_spinner="Finding and identifying the faces…")
+def identify_photo(data, name, gallery_key, _gallery, _tools):
+    """Every face of the photo against the gallery, as identify.py answers a query: {error,
+    display, faces: [{box, score, top: [{person, score, photo}]}]}. Keyed by the photo and
+    gallery_key (what the gallery is made of); the threshold is applied by the caller, so
+    moving the slider reruns no network."""
+    try:
+        image = read_photo(data, name)
+    except faces.FaceError as e:
+        return {"error": str(e), "display": None, "faces": []}
+    answer = identify.answer_queries([(name, image)], _tools, _gallery, TOP, float("inf"))[0]
+    boxes = [f["box"] for f in answer["faces"]]
+    error = None if boxes else (f"{name}: no face found; use a photo where the face is clearly "
+                                "visible and roughly frontal")
+    return {"error": error, "display": draw_faces(image, boxes), "faces": answer["faces"]}
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def thumbnail(data):
+    """A small copy of a gallery photo, or None if it no longer decodes."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (2 * THUMB, 2 * THUMB))  # a JPEG decodes at a fraction of its size
+            pil = im.convert("RGB")
+        pil.thumbnail((THUMB, THUMB))
+        return pil
+    except Exception:  # PIL raises many types; a missing thumbnail is not worth a message
+        return None
+
+
+def photo_bytes(photo):
+    """The bytes of a gallery photo as answer_faces names it: a path, or "enrolled:<i>"."""
+    if photo.startswith("enrolled:"):
+        enrolled = st.session_state.get("enrolled", [])
+        i = int(photo.split(":", 1)[1])
+        return enrolled[i]["data"] if i < len(enrolled) else None
+    try:
+        return Path(photo).read_bytes()
+    except OSError:
+        return None
+
+
+def display_name(person):
+    """A gallery name as Markdown shows it: LFW's folder names join words with underscores
+    (George_W_Bush), and a typed name's * or [ must not turn into formatting."""
+    text = person.replace("_", " ")
+    return "".join(f"\\{c}" if c in MARKDOWN_SPECIALS else c for c in text)
+
+
+def show_face_answer(number, face, threshold):
+    """One face: the verdict (its best person, or unknown below the threshold), then its top
+    people as thumbnails of their best-matching photo, with scores."""
+    best = face["top"][0]
+    who = display_name(best["person"])
+    if best["score"] >= threshold:
+        st.success(f"Face {number}: {who} (score {best['score']:.3f} ≥ threshold "
+                   f"{threshold:.3f})")
+    else:
+        st.info(f"Face {number}: unknown (best score {best['score']:.3f}, {who}, is below the "
+                f"threshold {threshold:.3f})")
+    for col, (rank, match) in zip(st.columns(TOP), enumerate(face["top"], 1)):
+        data = photo_bytes(match["photo"])
+        thumb = thumbnail(data) if data else None
+        if thumb is not None:
+            col.image(thumb, width=THUMB)
+        # Bold rank: a caption starting "1. " would be drawn as a numbered list, number hidden.
+        col.caption(f"**{rank}.** {display_name(match['person'])}: {match['score']:.3f}")
+
+
+def identify_page(path, mtime, ckpt, settings_json, threshold):
+    """Gallery, query photo, then each face's answer beside the photo with its faces boxed."""
+    tools = checkpoint_tools(path, mtime, settings_json)
+    gallery, gallery_key = pick_gallery(path, mtime, settings_json, tools)
+    st.divider()
+    nonce = st.session_state.get("query_nonce", 0)
+    query = st.file_uploader("Photo to identify", key=f"query_{nonce}", max_upload_size=MAX_MB,
+                             disabled=gallery is None,
+                             help=f"JPEG or PNG, up to {MAX_MB} MB and "
+                                  f"{faces.MAX_PIXELS // 1_000_000} megapixels; every face in "
+                                  "it is identified")
+    if gallery is None or query is None:
+        return
+    result = identify_photo(query.getvalue(), query.name, gallery_key, gallery, tools)
+    if result["error"]:
+        st.error(result["error"])
+    if result["display"] is None:
+        return
+    left, right = st.columns([2, 3])
+    left.image(result["display"], caption=query.name)
+    with right:
+        if len(result["faces"]) > 1:
+            st.caption(f"{len(result['faces'])} faces, numbered from the largest.")
+        for number, face in enumerate(result["faces"], 1):
+            show_face_answer(number, face, threshold)
+    st.caption(f"{score_meaning(ckpt['model_config'])} A person's score is that of their "
+               "best-matching gallery photo; below the threshold the face is “unknown”.")
+
+
 def main():
-    st.set_page_config(page_title="Same person? LFW face verification", layout="wide")
-    st.title("Same person?")
-    st.caption("Two photos in; a siamese network trained on LFW scores their faces. "
-               "Photos stay on this machine.")
+    page = st.session_state.get("page", PAGES[0])  # the sidebar's choice, before it is drawn
+    identifying = page == PAGES[1]
+    st.set_page_config(page_title="Who is this? LFW face identification" if identifying else
+                       "Same person? LFW face verification", layout="wide")
+    st.title(page)
+    st.caption(("Every face of a photo, searched among the people of a gallery; a siamese "
+                "network trained on LFW scores them." if identifying else
+                "Two photos in; a siamese network trained on LFW scores their faces.")
+               + " Photos stay on this machine.")
+    st.sidebar.radio("Page", PAGES, key="page", horizontal=True)
 
     logs = logs_dir()
     rows, skipped = checkpoints(logs)
@@ -521,6 +922,9 @@ def main():
         st.error(no_model_message(logs, skipped))
         st.stop()
     path, mtime, ckpt, settings_json, threshold, half = sidebar(rows, skipped, logs)
+    if identifying:
+        identify_page(path, mtime, ckpt, settings_json, threshold)
+        return
 
     verdict_box = st.container()  # filled last, but drawn first: where the eye lands
     results = photo_inputs(ckpt["model_config"]["image_size"], settings_json)

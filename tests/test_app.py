@@ -359,3 +359,211 @@ def test_streamlit_config_turns_off_the_watcher_deploy_button_and_stats():
                        "browser.gatherUsageStats": False}
     for name in options:  # each is an option this Streamlit knows
         assert name in config._config_options_template, name
+
+
+# ------------------------------------------------------------------ "Who is this?" (1:N)
+# With the fixture net a cropped, rescaled astronaut scores about -0.02 against the astronaut
+# and -0.51 against the cameraman: at the threshold of -0.3 the first is certainly her and a
+# cameraman query against a gallery of her alone is certainly unknown.
+
+@pytest.fixture(scope="module")
+def astronaut_again():
+    """A third photo of the astronaut: cropped and rescaled, so not the enrolled bytes."""
+    skimage_data = pytest.importorskip("skimage.data")
+    crop = Image.fromarray(skimage_data.astronaut()[20:400, 60:460]).resize((300, 285))
+    return jpeg(np.asarray(crop))
+
+
+def identify_page(monkeypatch, logs, gallery=None):
+    """The app on its "Who is this?" page (LFW_DEMO_GALLERY set to gallery, if given)."""
+    if gallery is None:
+        monkeypatch.delenv("LFW_DEMO_GALLERY", raising=False)
+    else:
+        monkeypatch.setenv("LFW_DEMO_GALLERY", str(gallery))
+    at = start(monkeypatch, logs)
+    at.sidebar.radio(key="page").set_value("Who is this?").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def uploader(at, label):
+    return next(u for u in at.file_uploader if u.label == label)
+
+
+def enrol(at, person, photo):
+    """Type the name, choose the photo, press "Add to gallery"."""
+    at.text_input(key="enrol_name").input(person)
+    uploader(at, "Their photo").set_value((*photo, "image/jpeg"))
+    at.button(key="enrol").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def query(at, photo, mime="image/jpeg"):
+    uploader(at, "Photo to identify").set_value((*photo, mime))
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def answers(at):
+    """The per-face verdict lines (success: known, info: unknown) and the match captions."""
+    lines = [e.value for kind in ("success", "info") for e in getattr(at, kind)
+             if e.value.startswith("Face ")]
+    return lines, [c.value.replace("**", "") for c in at.caption
+                   if c.value[:4] in {f"**{i}." for i in range(1, 6)}]
+
+
+def assert_one_line_error(at, *parts):
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1, errors
+    assert "\n" not in errors[0] and "Traceback" not in errors[0]
+    for part in parts:
+        assert part in errors[0], errors[0]
+    return errors[0]
+
+
+def test_identify_page_is_offered_beside_verification(monkeypatch, logs):
+    at = start(monkeypatch, logs)
+    assert at.sidebar.radio(key="page").options == ["Same person?", "Who is this?"]
+    assert at.title[0].value == "Same person?"
+    at = identify_page(monkeypatch, logs)
+    assert at.title[0].value == "Who is this?"
+    # No LFW copy and no LFW_DEMO_GALLERY: people enrolled on the page are the gallery.
+    assert at.radio(key="gallery_source").options == ["People I enrol here"]
+    assert "Enrol at least one person" in at.info[0].value
+    assert uploader(at, "Photo to identify").disabled  # nothing to search yet
+    assert not at.error and not at.metric  # the verification page's parts are not drawn
+
+
+def test_enrolled_people_identify_a_third_photo_and_the_threshold_makes_it_unknown(
+        monkeypatch, logs, astronaut, cameraman, astronaut_again):
+    at = identify_page(monkeypatch, logs)
+    enrol(at, "Eileen Collins", ("astronaut.jpg", astronaut))
+    enrol(at, "Cameraman", ("cameraman.jpg", cameraman))
+    assert not at.error
+    assert "Enrolled: Eileen Collins (1 photo), Cameraman (1 photo)" in texts(at)
+    assert "Gallery: 2 people in 2 photos with a face (0 skipped)." in texts(at)
+    assert at.text_input(key="enrol_name").value == ""  # ready for the next person
+
+    query(at, ("astronaut_again.jpg", astronaut_again))
+    lines, matches = answers(at)
+    assert len(lines) == 1 and lines[0].startswith("Face 1: Eileen Collins (score ")
+    assert lines[0].endswith("≥ threshold -0.300)") and at.success[0].value == lines[0]
+    assert [m.split(":")[0] for m in matches] == ["1. Eileen Collins", "2. Cameraman"]
+    score = float(matches[0].split(": ")[1])
+    assert -0.3 < score < 0 and float(matches[1].split(": ")[1]) < -0.3
+    # The query boxed, and each match shown by a thumbnail of their photo.
+    assert [i.proto.imgs[0].caption for i in at.image[:1]] == ["astronaut_again.jpg"]
+    assert len(at.image) == 3
+
+    at.sidebar.slider[0].set_value(0.0).run()  # above her score: the same face is unknown
+    lines, _ = answers(at)
+    assert lines == [f"Face 1: unknown (best score {score:.3f}, Eileen Collins, is below the "
+                     "threshold 0.000)"]
+    assert not at.success
+
+
+def test_a_face_nobody_enrolled_is_unknown_at_the_checkpoint_threshold(monkeypatch, logs,
+                                                                       astronaut, cameraman):
+    at = enrol(identify_page(monkeypatch, logs), "Eileen Collins", ("astronaut.jpg", astronaut))
+    query(at, ("cameraman.jpg", cameraman))
+    lines, matches = answers(at)
+    assert len(lines) == 1 and lines[0].startswith("Face 1: unknown (best score -0.5")
+    assert lines[0].endswith("Eileen Collins, is below the threshold -0.300)")
+    assert [m.split(":")[0] for m in matches] == ["1. Eileen Collins"]
+
+
+def test_gallery_folder_from_the_environment_is_embedded_once_and_cached(
+        monkeypatch, logs, astronaut, cameraman, astronaut_again, tmp_path):
+    gallery = tmp_path / "gallery"
+    for person, photo in (("Eileen_Collins", astronaut), ("Cameraman", cameraman),
+                          ("Nobody", jpeg(np.full((200, 200, 3), 128, dtype=np.uint8)))):
+        (gallery / person).mkdir(parents=True)
+        (gallery / person / "photo.jpg").write_bytes(photo)
+    at = identify_page(monkeypatch, logs, gallery)
+    assert at.radio(key="gallery_source").value == f"Folder {gallery}"  # the default
+    assert ("Gallery: 2 people in 2 photos with a face (1 skipped); 3 photos embedded now, "
+            "the others from the cache beside the photos.") in texts(at)
+    assert at.expander[0].label == "1 gallery photo(s) left out"
+    assert len(list(gallery.glob(".identify-cache-*.pt"))) == 1  # identify.py's cache
+
+    query(at, ("astronaut_again.jpg", astronaut_again))
+    lines, matches = answers(at)
+    assert lines[0].startswith("Face 1: Eileen Collins (score ")  # LFW-style name, spaced
+    assert [m.split(":")[0] for m in matches] == ["1. Eileen Collins", "2. Cameraman"]
+
+    st_cache_resource_clear()  # a restarted server: the cache on disk answers
+    at = identify_page(monkeypatch, logs, gallery)
+    assert "; 0 photos embedded now" in texts(at)
+
+
+def st_cache_resource_clear():
+    import streamlit as st
+    st.cache_resource.clear()
+
+
+def test_app_embedding_leaves_identify_nothing_to_embed(monkeypatch, logs, astronaut,
+                                                        tmp_path):
+    """The page embeds a new folder in batches (for its progress bar) into identify.py's
+    cache; identify.load_gallery must then find every photo there and embed none."""
+    (tmp_path / "g" / "Eileen_Collins").mkdir(parents=True)
+    (tmp_path / "g" / "Eileen_Collins" / "a.jpg").write_bytes(astronaut)
+    path = logs / "compact-arcface-20250101-120000" / "best_accuracy.pt"
+    net, ckpt = model.load_checkpoint(path)
+    settings = model.checkpoint_crop_settings(ckpt, path)
+    tools = app.SimpleNamespace(net=net, settings=settings, detector=faces.detector_for(settings),
+                                device=torch.device("cpu"), image_size=64, amp=False,
+                                ckpt_sha=app.identify.sha256_file(path))
+    files = app.identify.gallery_files(tmp_path / "g")
+    state = app.cache_state(tmp_path / "g", files, tools)
+    assert len(state[3]) == 1
+    app.embed_with_progress(tmp_path / "g", state, tools)
+    monkeypatch.setattr(app.identify, "embed_faces", lambda *a, **k: pytest.fail("re-embedded"))
+    gallery = app.identify.load_gallery(tmp_path / "g", files, tools)
+    assert gallery.people == ["Eileen_Collins"] and gallery.n_new == 0
+
+
+def test_identify_errors_are_one_line(monkeypatch, logs, astronaut, tmp_path):
+    faceless = tmp_path / "faceless"
+    (faceless / "Nobody").mkdir(parents=True)
+    (faceless / "Nobody" / "wall.jpg").write_bytes(jpeg(np.full((200, 200, 3), 128, np.uint8)))
+    at = identify_page(monkeypatch, logs, faceless)
+    assert_one_line_error(at, "no face found in any of its 1 photos")
+    assert uploader(at, "Photo to identify").disabled
+    at = identify_page(monkeypatch, logs, tmp_path / "missing")
+    assert_one_line_error(at, "no such gallery folder")
+
+    at = identify_page(monkeypatch, logs)
+    enrol(at, "Wall", ("wall.jpg", jpeg(np.full((200, 200, 3), 128, np.uint8))))
+    assert_one_line_error(at, "wall.jpg: no face found")
+    assert "Enrolled:" not in texts(at)  # a photo without a face is not enrolled
+    enrol(at, "", ("astronaut.jpg", astronaut))
+    assert_one_line_error(at, "Type the name of the person in astronaut.jpg first")
+
+    enrol(at, "Eileen Collins", ("astronaut.jpg", astronaut))
+    assert not at.error
+    query(at, ("notes.txt", b"not a photo at all"), "text/plain")
+    assert_one_line_error(at, "notes.txt: not a readable image")
+    query(at, ("bomb.png", png_claiming(50_000, 50_000)), "image/png")
+    assert_one_line_error(at, "bomb.png: 2,500 megapixels is over the 50 megapixel limit")
+    query(at, ("wall.jpg", jpeg(np.full((200, 200, 3), 128, np.uint8))))
+    assert_one_line_error(at, "wall.jpg: no face found")
+    assert not answers(at)[0]
+
+
+def test_the_lfw_copy_is_a_gallery_when_present(monkeypatch, logs, astronaut, cameraman,
+                                                astronaut_again, tmp_path):
+    data = tmp_path / "lfw"
+    for person, photo in (("Eileen_Collins", astronaut), ("Cameraman", cameraman)):
+        (data / "images" / person).mkdir(parents=True)
+        (data / "images" / person / f"{person}_0001.jpg").write_bytes(photo)
+    monkeypatch.delenv("LFW_DEMO_GALLERY", raising=False)
+    at = start(monkeypatch, logs, data)
+    at.sidebar.radio(key="page").set_value("Who is this?").run()
+    assert at.radio(key="gallery_source").options == [f"LFW people ({data / 'images'})",
+                                                      "People I enrol here"]
+    assert "Gallery: 2 people in 2 photos with a face (0 skipped)" in texts(at)
+    query(at, ("astronaut_again.jpg", astronaut_again))
+    assert answers(at)[0][0].startswith("Face 1: Eileen Collins (score ")

@@ -1,10 +1,12 @@
 """End to end: `streamlit run app.py` on 127.0.0.1 (with the project's .streamlit/config.toml),
 headless Chromium through Selenium uploads two photos and waits for the verdict, then saves a
-screenshot (E2E_SCREENSHOT or tmp).
+screenshot (E2E_SCREENSHOT or tmp); on the "Who is this?" page it enrols two people, asks who
+a third photo is and saves a second screenshot (the same name, ending _identify.png).
 
 The fixture net is untrained but deterministic (seed 0, as in tests/test_app.py): the astronaut
 and her mirror image score about -0.13, so at its threshold of -0.3 the verdict is "Same person"
-and no close call.
+and no close call; a cropped, rescaled astronaut scores about -0.02 against her and -0.51
+against the cameraman, so she is named.
 
 Skipped unless the browser and its driver are installed:
   apt-get install -y chromium chromium-driver && pip install -r requirements-e2e.txt
@@ -136,26 +138,33 @@ def browser(tmp_path):
         driver.quit()
 
 
-def test_two_uploads_show_a_verdict(server, browser, tmp_path):
-    from skimage.data import astronaut  # public-domain photo with one clear face
-    face = astronaut()
-    paths = []
-    # A long name, as phones write them: the page must show it whole.
-    mirrored = "mirrored_astronaut_IMG_20240701_183015_HDR_portrait_mode.jpg"
-    for name, array in (("astronaut.jpg", face), (mirrored, face[:, ::-1].copy())):
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="JPEG", quality=90)
-        (tmp_path / name).write_bytes(buf.getvalue())
-        paths.append(tmp_path / name)
+def write_jpeg(path, array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=90)
+    path.write_bytes(buf.getvalue())
+    return path
 
+
+def screenshot_path(tmp_path, suffix=""):
     shot = Path(os.environ.get("E2E_SCREENSHOT") or tmp_path / "e2e_screenshot.png")
+    shot = shot.with_name(f"{shot.stem}{suffix}{shot.suffix}")
     shot.parent.mkdir(parents=True, exist_ok=True)
-    body = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
-    file_inputs = lambda: browser.find_elements(By.CSS_SELECTOR, "input[type=file]")  # noqa: E731
+    return shot
 
+
+def page_text(browser):
+    return browser.find_element(By.TAG_NAME, "body").text
+
+
+def file_inputs(browser):
+    return browser.find_elements(By.CSS_SELECTOR, "input[type=file]")
+
+
+def waiter(browser, shot, tmp_path):
+    """wait_for(what, condition): wait for condition() to return something true; on timeout
+    fail with the page text, the server log and a screenshot, so that a CI failure can be read
+    without rerunning it."""
     def wait_for(what, condition, timeout=120):
-        """Wait for condition(); on timeout fail with the page text, the server log and a
-        screenshot, so a CI failure can be read without rerunning it."""
         try:
             # The page re-renders while it reruns: elements can go stale under us.
             return WebDriverWait(browser, timeout, ignored_exceptions=(
@@ -164,12 +173,26 @@ def test_two_uploads_show_a_verdict(server, browser, tmp_path):
             browser.save_screenshot(str(shot))
             log = (tmp_path / "streamlit.log").read_text(errors="replace")[-3000:]
             pytest.fail(f"timed out waiting for {what}; screenshot {shot}\n--- page ---\n"
-                        f"{body()}\n--- streamlit log ---\n{log}")
+                        f"{page_text(browser)}\n--- streamlit log ---\n{log}")
+    return wait_for
+
+
+def test_two_uploads_show_a_verdict(server, browser, tmp_path):
+    from skimage.data import astronaut  # public-domain photo with one clear face
+    face = astronaut()
+    # A long name, as phones write them: the page must show it whole.
+    mirrored = "mirrored_astronaut_IMG_20240701_183015_HDR_portrait_mode.jpg"
+    paths = [write_jpeg(tmp_path / name, array)
+             for name, array in (("astronaut.jpg", face), (mirrored, face[:, ::-1].copy()))]
+
+    shot = screenshot_path(tmp_path)
+    body = lambda: page_text(browser)  # noqa: E731
+    wait_for = waiter(browser, shot, tmp_path)
 
     browser.get(server)
-    wait_for("two upload boxes", lambda: len(file_inputs()) == 2)
+    wait_for("two upload boxes", lambda: len(file_inputs(browser)) == 2)
     for i, path in enumerate(paths):
-        file_inputs()[i].send_keys(str(path))
+        file_inputs(browser)[i].send_keys(str(path))
         # Wait until the page has run with this photo (its aligned crop is shown) before the
         # next upload, so that no upload lands on an input the rerun is replacing.
         wait_for(f"the face of {path.name}",
@@ -196,4 +219,54 @@ def test_two_uploads_show_a_verdict(server, browser, tmp_path):
     log = (tmp_path / "streamlit.log").read_text(errors="replace")
     assert "Inotify" not in log and "Traceback" not in log
     time.sleep(2)  # let the images and charts finish drawing for the screenshot
+    assert browser.save_screenshot(str(shot)), f"could not write {shot}"
+
+
+def test_enrol_two_people_and_identify_a_third_photo(server, browser, tmp_path):
+    import numpy as np
+    from skimage.data import astronaut, camera  # public-domain photos, one face each
+    from selenium.webdriver.common.keys import Keys
+    enrolled = (("Eileen Collins", write_jpeg(tmp_path / "astronaut.jpg", astronaut())),
+                ("Cameraman", write_jpeg(tmp_path / "cameraman.jpg",
+                                         np.stack([camera()] * 3, axis=-1))))
+    third = Image.fromarray(astronaut()[20:400, 60:460]).resize((300, 285))
+    query = write_jpeg(tmp_path / "who_is_this.jpg", np.asarray(third))
+
+    shot = screenshot_path(tmp_path, "_identify")
+    wait_for = waiter(browser, shot, tmp_path)
+    browser.get(server)
+    wait_for("the page picker", lambda: browser.find_element(
+        By.XPATH, "//*[@data-testid='stSidebar']//label[contains(., 'Who is this?')]")).click()
+    wait_for("the enrol form", lambda: "Enrol at least one person" in page_text(browser))
+
+    for n, (person, path) in enumerate(enrolled, 1):
+        name_box = wait_for("the name box", lambda: browser.find_element(
+            By.CSS_SELECTOR, "input[aria-label='Name']"))
+        name_box.send_keys(person, Keys.ENTER)  # Enter applies the text before the click
+        wait_for(f"{person} typed", lambda: browser.find_element(
+            By.CSS_SELECTOR, "input[aria-label='Name']").get_attribute("value") == person)
+        file_inputs(browser)[0].send_keys(str(path))  # "Their photo", above the query box
+        wait_for(f"{path.name} uploaded", lambda: path.name in page_text(browser))
+        time.sleep(1)  # the upload's own rerun ends before the click
+        wait_for("the Add button", lambda: browser.find_element(
+            By.XPATH, "//button[normalize-space(.)='Add to gallery']")).click()
+        wait_for(f"{person} enrolled", lambda: f"Gallery: {n} people in {n} photos"
+                 in page_text(browser))
+    assert "Enrolled: Eileen Collins (1 photo), Cameraman (1 photo)" in page_text(browser)
+
+    wait_for("the query box enabled", lambda: len(file_inputs(browser)) == 2 and
+             file_inputs(browser)[1].is_enabled())
+    file_inputs(browser)[1].send_keys(str(query))
+    answer = wait_for("the answer", lambda: next(
+        (e for e in browser.find_elements(
+            By.XPATH, "//*[starts-with(normalize-space(text()), 'Face 1:')]") if e.text), None))
+    assert answer.text.startswith("Face 1: Eileen Collins (score ")
+    # Her best match first, then the other person; the captions draw after the verdict.
+    body = wait_for("both matches", lambda: (lambda t: "2. Cameraman" in t and t)(
+        page_text(browser)))
+    assert body.index("1. Eileen Collins") < body.index("2. Cameraman")
+    assert "unknown" not in answer.text and "Traceback" not in body
+    log = (tmp_path / "streamlit.log").read_text(errors="replace")
+    assert "Traceback" not in log
+    time.sleep(2)  # let the thumbnails finish drawing for the screenshot
     assert browser.save_screenshot(str(shot)), f"could not write {shot}"
