@@ -918,6 +918,9 @@ def main():
 
     logs = logs_dir()
     rows, skipped = checkpoints(logs)
+    if not rows and not skipped and model.SHIPPED.is_file():  # no run of one's own yet
+        rows = [model.checkpoint_row(model.SHIPPED, run="shipped model")]
+        st.info(model.describe_checkpoint(model.SHIPPED, logs).replace("model: ", "Model: ", 1))
     if not rows:
         st.error(no_model_message(logs, skipped))
         st.stop()

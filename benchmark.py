@@ -128,6 +128,19 @@ def eval_cmd(args, recipe, ckpt, pairs, out, fold=None):
             *RECIPES[recipe]["eval"], *([] if fold is None else ["--fold", str(fold)])]
 
 
+IDENTIFY_KEYS = ("rank1", "rank5", "dir@far=0.01", "dir@far=0.1", "n_gallery", "n_mated_probes",
+                 "n_nonmated_probes")
+
+
+def identification(args, recipe, ckpt, out, name, state, state_path, cache, fold=None):
+    """evaluate.py --identify on the test people of the pairs file (or of one View 2 fold)."""
+    pairs = Path(args.data_root) / ("pairsDevTest.txt" if fold is None else "pairs.txt")
+    run_step(name, eval_cmd(args, recipe, ckpt, pairs, out, fold) + ["--identify"], state,
+             state_path, cache)
+    r = read_json(out / "results.json")
+    return {k: r[k] for k in IDENTIFY_KEYS}
+
+
 def peak_rss_mb():
     """Largest resident memory of any step run so far by this invocation."""
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -178,7 +191,10 @@ def view1(args, recipe, state, state_path, cache, bar):
              state, state_path, cache)
     timing = read_json(out / "results.json")
     run = read_json(run_dir / "config.json")
-    return {"train_people": run["train_people"], "val_people": run["val_people"],
+    ident = identification(args, recipe, run_dir / "best_accuracy.pt",
+                           cache / f"view1-{recipe}-identify", f"view1-{recipe}-identify",
+                           state, state_path, cache)
+    return {"identification": ident, "train_people": run["train_people"], "val_people": run["val_people"],
             "train_threads": run["threads"], "view2_eval_images": timing["images"],
             "view2_eval_pairs": timing["n_pairs"],
             "accuracy": final["kfold"]["mean"], "std": final["kfold"]["std"],
@@ -210,14 +226,20 @@ def view2(args, recipe, state, state_path, cache, bar):
                           Path(args.data_root) / "pairs.txt", out, fold=k),
                  state, state_path, cache)
         r = read_json(out / "results.json")
+        ident = identification(args, recipe, run_dir / "best_accuracy.pt", out.with_name(
+            out.name + "-identify"), f"view2-{recipe}-fold{k}-identify", state, state_path,
+            cache, fold=k)
         folds.append({"fold": k, "accuracy": r["test_fold"]["accuracy"],
                       "threshold": r["test_fold"]["threshold"], "auc": r["auc"],
-                      "people_seen_in_training": r["people_seen_in_training"]})
+                      "people_seen_in_training": r["people_seen_in_training"],
+                      "identification": ident})
         bar.update()
     acc = np.array([f["accuracy"] for f in folds])
+    rank1 = np.array([f["identification"]["rank1"] for f in folds])
     return {"accuracy": float(acc.mean()), "std": float(acc.std(ddof=1)),
             "stderr": float(acc.std(ddof=1) / np.sqrt(len(acc))), "folds": folds,
-            "overlap": sum(f["people_seen_in_training"] for f in folds)}
+            "overlap": sum(f["people_seen_in_training"] for f in folds),
+            "rank1": float(rank1.mean()), "rank1_stderr": float(rank1.std(ddof=1) / np.sqrt(10))}
 
 
 # ------------------------------------------------------------------ reporting
@@ -241,7 +263,7 @@ def table(results):
         lines += view1_table(b)
     if b["view2"]:
         lines += view2_table(b)
-    lines += speed_table(b)
+    lines += identification_table(b) + speed_table(b)
     return "\n".join(lines) + "\n"
 
 
@@ -270,6 +292,29 @@ def view2_table(b):
              "| recipe | accuracy | overlap of training and test people |", "| --- | --- | --- |"]
     for name, r in b["view2"].items():
         lines.append(f"| {name} | {r['accuracy']:.2%} ± {r['stderr']:.2%} | {r['overlap']} |")
+    return lines + [""]
+
+
+def percent(value):
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def identification_table(b):
+    """1:N identification on people never seen in training (evaluate.py --identify); absent
+    from a benchmark.json made before it was measured."""
+    rows = [(name, r["identification"]) for name, r in b["view1"].items()
+            if "identification" in r]
+    if not rows:
+        return []
+    lines = ["**Identification** (View 1 DevTest people; each person with two or more photos "
+             "enrols one, the rest are probes; people with one photo are probes not in the "
+             "gallery):", "", "| recipe | rank-1 | rank-5 | DIR at FAR 1% | DIR at FAR 10% | "
+             "View 2 rank-1 (" + PM + ") |", "| --- " * 6 + "|"]
+    for name, i in rows:
+        v2 = b["view2"].get(name, {})
+        fold_rank1 = f"{v2['rank1']:.2%} ± {v2['rank1_stderr']:.2%}" if "rank1" in v2 else "n/a"
+        lines.append(f"| {name} | {percent(i['rank1'])} | {percent(i['rank5'])} | "
+                     f"{percent(i['dir@far=0.01'])} | {percent(i['dir@far=0.1'])} | {fold_rank1} |")
     return lines + [""]
 
 

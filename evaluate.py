@@ -64,6 +64,10 @@ def parse_args(argv):
     p.add_argument("--fold", type=int, default=None,
                    help="View 2, one fold as the test set: the threshold is chosen on the other "
                         "folds' pairs and the figures are for this fold's pairs alone")
+    p.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"), default=None,
+                   help="two evaluation folders of the same pairs file (their scores.csv): the "
+                        "accuracy of NEW minus BASE with a paired bootstrap 95%% interval; "
+                        "nothing is embedded")
     p.add_argument("--identify", action="store_true",
                    help="1:N identification instead of pairs, on every image of the pairs "
                         "file's people (with --fold, that fold's): rank-1/5 and the CMC "
@@ -299,16 +303,22 @@ def write_outputs(out, got, scored, report, cfg):
                 out / "errors.png")
 
 
-def evaluate(args):
-    if args.identify:
-        return evaluate_identification(args)
-    start = time.perf_counter()
+def open_checkpoint(args):
+    """(device, path, net, checkpoint) for the checkpoint args name, the shipped one said."""
     device = pick_device(args.device)
     set_threads()
     path = m.resolve_checkpoint(args.checkpoint)
     if path.resolve() == m.SHIPPED:
         print(m.describe_checkpoint(path))
     net, ckpt = m.load_checkpoint(path, device)
+    return device, path, net, ckpt
+
+
+def evaluate(args):
+    if args.identify:
+        return evaluate_identification(args)
+    start = time.perf_counter()
+    device, path, net, ckpt = open_checkpoint(args)
     cfg = ckpt["model_config"]
     got = load_pairs(args, ckpt)
     print(f"{len(got.pairs)} pairs of {args.pairs}: embedding their images from {got.data} "
@@ -442,12 +452,7 @@ def evaluate_identification(args):
     """evaluate.py --identify: embed every image of the people once, score every probe
     against the gallery and write results.json, probes.csv and cmc.png."""
     start = time.perf_counter()
-    device = pick_device(args.device)
-    set_threads()
-    path = m.resolve_checkpoint(args.checkpoint)
-    if path.resolve() == m.SHIPPED:
-        print(m.describe_checkpoint(path))
-    net, ckpt = m.load_checkpoint(path, device)
+    device, path, net, ckpt = open_checkpoint(args)
     cfg = ckpt["model_config"]
     got = identification_people(args, ckpt)
     paths = [p for _, p in got.gallery + got.probes]
@@ -483,9 +488,40 @@ def evaluate_identification(args):
     return 0
 
 
+def read_scores(folder):
+    """(pair keys, labels, folds, scores) of an evaluation folder's scores.csv."""
+    path = Path(folder) / "scores.csv"
+    if not path.is_file():
+        raise EvalError(f"{path}: missing; pass a folder that evaluate.py wrote")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = [(r["name_a"], r["number_a"], r["name_b"], r["number_b"]) for r in rows]
+    return (keys, np.array([int(r["same"]) for r in rows]), np.array([int(r["fold"]) for r in rows]),
+            np.array([float(r["score"]) for r in rows]))
+
+
+def compare(base, new):
+    """evaluate.py --compare: NEW's accuracy minus BASE's on the same pairs, paired bootstrap."""
+    (keys_a, labels, folds, a), (keys_b, _, _, b) = read_scores(base), read_scores(new)
+    if keys_a != keys_b:
+        raise EvalError(f"{base} and {new} scored different pairs; compare evaluations of the "
+                        "same pairs file")
+    if len(np.unique(folds)) < 2:
+        folds = metrics.balanced_folds(labels)
+    r = metrics.paired_bootstrap(a, b, labels, folds)
+    verdict = "no evidence of a difference" if r["low"] <= 0 <= r["high"] else \
+        ("better" if r["difference"] > 0 else "worse")
+    print(f"{new} against {base}: {r['difference']:+.2%} accuracy, 95% interval "
+          f"[{r['low']:+.2%}, {r['high']:+.2%}] (paired bootstrap over {r['n_pairs']} pairs, "
+          f"{r['n_boot']} resamples): {verdict}")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.compare:
+            return compare(*args.compare)
         return evaluate(args)
     except (EvalError, ds.ProtocolError, m.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

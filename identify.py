@@ -39,7 +39,7 @@ from tqdm import tqdm
 import dataset as ds
 import faces
 import model as m
-from runtime import autocast, pick_device, set_threads, write_atomic
+from runtime import autocast, error_line, pick_device, set_threads, write_atomic
 
 CACHE_VERSION = 1
 CACHE_PREFIX = ".identify-cache-"
@@ -370,9 +370,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # any other failure is an error too, in one line
-        text = str(e).strip()
-        print(f"error: {type(e).__name__}: {text.splitlines()[0] if text else ''}",
-              file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(results, indent=2))

@@ -442,21 +442,28 @@ class ArcFace(nn.Module):
 
 # ------------------------------------------------------------------------------ finding checkpoints
 
+def checkpoint_row(path, run=None):
+    """What a chooser shows of one checkpoint: path, run, the metric it is best at, model,
+    loss, distance, image size, epoch, validation accuracy, threshold and mtime. Reads the
+    metadata with mmap, without pulling every weight into memory; raises if it cannot."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    cfg = ckpt["model_config"]
+    return {"path": path, "run": run or path.parent.name,
+            "best": path.stem[len("best_"):] if path.stem.startswith("best_") else path.stem,
+            "model": cfg["model"], "loss": cfg.get("loss"), "distance": cfg.get("distance"),
+            "image_size": cfg["image_size"], "epoch": ckpt.get("epoch"),
+            "accuracy": ckpt["metrics"].get("accuracy"), "threshold": ckpt["threshold"],
+            "mtime": path.stat().st_mtime}
+
+
 def list_checkpoints(logs="logs"):
-    """Every logs/<run>/best_*.pt, newest first, with what a chooser shows: path, run, the
-    metric it is best at, model, loss, distance, image size, epoch, validation accuracy,
-    threshold and mtime. Files that do not load as checkpoints are left out."""
+    """checkpoint_row of every logs/<run>/best_*.pt, newest first. Files that do not load as
+    checkpoints are left out."""
     rows = []
     for path in Path(logs).glob("*/best_*.pt"):
         try:
-            # mmap: read the metadata without pulling every weight into memory
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            cfg = ckpt["model_config"]
-            rows.append({"path": path, "run": path.parent.name, "best": path.stem[len("best_"):],
-                         "model": cfg["model"], "loss": cfg.get("loss"),
-                         "distance": cfg.get("distance"), "image_size": cfg["image_size"],
-                         "epoch": ckpt.get("epoch"), "accuracy": ckpt["metrics"].get("accuracy"),
-                         "threshold": ckpt["threshold"], "mtime": path.stat().st_mtime})
+            rows.append(checkpoint_row(path))
         except Exception:  # torch.load fails in many ways on a half-written or foreign file
             continue
     return sorted(rows, key=lambda r: r["mtime"], reverse=True)

@@ -77,3 +77,9 @@ def write_atomic(path, data=None, write=None):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def error_line(e):
+    """An unexpected exception as one line for a script's `error:` output."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else 'no detail'}"

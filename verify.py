@@ -19,7 +19,7 @@ import sys
 
 import faces
 import model as m
-from runtime import pick_device, set_threads
+from runtime import error_line, pick_device, set_threads
 
 LOGS = "logs"
 
@@ -85,8 +85,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # any other failure is an error too, never a verdict (exit 1)
-        print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-              file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))

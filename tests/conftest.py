@@ -53,6 +53,27 @@ def write_view1_protocol(root, train_counts, test_counts, n_test_pairs=20, seed=
     (root / "pairsDevTest.txt").write_text("\n".join([str(n_test_pairs)] + matched + mismatched) + "\n")
 
 
+def small_lfw(root, n_train=12, n_test=4, test_images=3):
+    """A synthetic LFW at root whose images folder is marked as face crops (crop_settings.json),
+    as the crop script leaves one. Returns (train, test) {person: images}."""
+    import faces
+    train = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(n_train)}
+    test = {f"Test_Person_{k:02d}": test_images for k in range(n_test)}
+    write_people(root / "images", {**train, **test})
+    write_view1_protocol(root, train, test)
+    (root / "images" / faces.SETTINGS_FILE).write_text(json.dumps(faces.crop_settings()))
+    return train, test
+
+
+def two_face_photo(face):
+    """A photo with the face and, beside it, a smaller copy of it: two faces, one prominent."""
+    from skimage.transform import resize
+    two = np.full((512, 768, 3), 200, np.uint8)
+    two[:, :512] = face
+    two[150:350, 540:740] = (resize(face, (200, 200)) * 255).astype(np.uint8)
+    return two
+
+
 def tiny_args(root, run_dir, **kw):
     """trainer2.py overrides for a seconds-long run on a synthetic LFW at root."""
     args = {"data_dir": root / "images", "protocol_dir": root, "image_size": 32, "epochs": 3,

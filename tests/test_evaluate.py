@@ -366,3 +366,25 @@ def test_fold_needs_a_file_with_official_folds(tiny, capsys):
     root, ckpt = tiny
     code, _, err = run(capsys, ckpt, "--pairs", root / "pairsDevTest.txt", "--fold", 3)
     assert code == 1 and "has no official fold 3" in err
+
+
+def test_compare_reports_the_paired_difference_and_refuses_other_pairs(tmp_path, capsys):
+    def scores_csv(folder, scores, names):
+        folder.mkdir()
+        lines = ["name_a,number_a,name_b,number_b,same,fold,score"]
+        lines += [f"{n},1,{n},2,{int(i < 50)},0,{s}" for i, (n, s) in enumerate(zip(names, scores))]
+        (folder / "scores.csv").write_text("\n".join(lines) + "\n")
+    labels = np.repeat([1, 0], 50)
+    names = [f"P{i}" for i in range(100)]
+    base = np.where(labels == 1, 1.0, -1.0)
+    base[:20] = -1.0  # 20 same pairs missed by the base
+    new = base.copy()
+    new[:10] = 1.0    # the new model gets 10 of them
+    scores_csv(tmp_path / "base", base, names)
+    scores_csv(tmp_path / "new", new, names)
+    assert evaluate.main(["--compare", str(tmp_path / "base"), str(tmp_path / "new")]) == 0
+    out = capsys.readouterr().out
+    assert "+10.00% accuracy, 95% interval [+" in out and ": better" in out
+    scores_csv(tmp_path / "other", new, [n + "x" for n in names])
+    assert evaluate.main(["--compare", str(tmp_path / "base"), str(tmp_path / "other")]) == 1
+    assert "scored different pairs" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import metrics
 import model as m
 import training
 import trainer2
-from conftest import tiny_args, write_people, write_view1_protocol
+from conftest import tiny_args, two_face_photo, write_people, write_view1_protocol
 
 TRAIN = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(12)}
 # Test people with one image give the open set its non-mated probes.
@@ -51,9 +51,7 @@ def setup(tmp_path_factory):
     (root / "images" / faces.SETTINGS_FILE).write_text(json.dumps(faces.crop_settings()))
     assert training.main(vars(trainer2), tiny_args(root, root / "run", epochs=1)) == 0
     face = astronaut()
-    two = np.full((512, 768, 3), 200, np.uint8)
-    two[:, :512] = face
-    two[150:350, 540:740] = (resize(face, (200, 200)) * 255).astype(np.uint8)
+    two = two_face_photo(face)
     other = (resize(face[20:480, 40:500], (400, 400)) * 255).astype(np.uint8)
     photos = root / "photos"
     return {"root": root, "ckpt": root / "run" / "best_accuracy.pt",

@@ -177,3 +177,21 @@ def test_out_of_fold_decisions_use_each_folds_own_threshold():
     predicted = np.array([1, 0, 0, 1, 1, 1])
     assert got["accuracy"] == pytest.approx((predicted == labels).mean())
     assert got["precision"] == pytest.approx(3 / 4) and got["recall"] == pytest.approx(1.0)
+
+
+def test_paired_bootstrap_interval_of_a_known_difference():
+    """Model b gets 60 more of 1,000 pairs right than model a: +6 points, an interval around
+    it that excludes 0; a model against itself: exactly 0."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([1, 0], 500)
+    folds = metrics.balanced_folds(labels)
+    a = np.where(labels == 1, 1.0, -1.0)
+    wrong_a = rng.choice(1000, 100, replace=False)
+    a[wrong_a] *= -1  # 100 wrong for a
+    b = a.copy()
+    b[wrong_a[:60]] *= -1  # b fixes 60 of them
+    r = metrics.paired_bootstrap(a, b, labels, folds, n_boot=2000)
+    assert r["difference"] == pytest.approx(0.06)
+    assert 0.0 < r["low"] < 0.06 < r["high"] < 0.12
+    same = metrics.paired_bootstrap(a, a, labels, folds, n_boot=200)
+    assert same["difference"] == same["low"] == same["high"] == 0.0

@@ -37,12 +37,9 @@ def scalar_steps(run_dir, tag="val/accuracy"):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted 3-epoch run on a synthetic LFW."""
-    from conftest import write_people, write_view1_protocol
+    from conftest import small_lfw
     root = tmp_path_factory.mktemp("lfw")
-    train = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(16)}
-    test = {f"Test_Person_{k:02d}": 3 for k in range(4)}
-    write_people(root / "images", {**train, **test})
-    write_view1_protocol(root, train, test)
+    small_lfw(root, n_train=16)
     assert training.main(vars(trainer2), tiny_args(root, root / "full")) == 0
     return root, root / "full"
 

@@ -13,7 +13,7 @@ import ship_model
 import training
 import trainer2
 import verify
-from conftest import tiny_args, write_people, write_view1_protocol
+from conftest import small_lfw, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +21,7 @@ def trained(tmp_path_factory):
     from skimage.data import astronaut
     from PIL import Image
     root = tmp_path_factory.mktemp("ship")
-    train = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(12)}
-    test = {f"Test_Person_{k:02d}": 3 for k in range(4)}
-    write_people(root / "images", {**train, **test})
-    write_view1_protocol(root, train, test)
-    (root / "images" / faces.SETTINGS_FILE).write_text(json.dumps(faces.crop_settings()))
+    small_lfw(root)
     assert training.main(vars(trainer2), tiny_args(root, root / "run", epochs=1)) == 0
     Image.fromarray(astronaut()).save(root / "astronaut.jpg", quality=95)
     return root
@@ -87,3 +83,22 @@ def test_the_shipped_model_embeds_the_astronaut_as_recorded():
 
 
 SHIPPED_EMBEDDING_SHA256 = None  # set when a model is shipped: sha256 of the rounded vector
+
+
+def test_the_demo_uses_the_shipped_model_when_logs_hold_no_run(trained, tmp_path, monkeypatch):
+    from pathlib import Path
+    from streamlit.testing.v1 import AppTest
+    shipped = tmp_path / "models" / "lfw-compact.pt"
+    ship_model.main([str(trained / "run" / "best_accuracy.pt"), "--out", str(shipped)])
+    monkeypatch.setattr(m, "SHIPPED", shipped.resolve())
+    monkeypatch.setenv("LFW_DEMO_LOGS", str(tmp_path / "logs"))
+    monkeypatch.setenv("LFW_DEMO_DATA", str(tmp_path / "no-data"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"),
+                           default_timeout=120)
+    photo = (trained / "astronaut.jpg").read_bytes()
+    at.session_state["photo_a"] = {"name": "a.jpg", "data": photo}
+    at.session_state["photo_b"] = {"name": "b.jpg", "data": photo}
+    at.run()
+    assert not at.exception and not at.error
+    assert any("the shipped models/lfw-compact.pt" in i.value for i in at.info)
+    assert any("Same person" in s.value for s in at.success + at.warning)

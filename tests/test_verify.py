@@ -14,7 +14,7 @@ import model as m
 import training
 import trainer2
 import verify
-from conftest import tiny_args, write_people, write_view1_protocol
+from conftest import small_lfw, tiny_args, two_face_photo
 
 
 def jpeg(path, array):
@@ -28,18 +28,11 @@ def setup(tmp_path_factory):
     """A tiny trained checkpoint and photos: the public-domain astronaut from scikit-image,
     the same photo with a second, smaller copy of her face beside it, and a blank image."""
     from skimage.data import astronaut
-    from skimage.transform import resize
     root = tmp_path_factory.mktemp("verify")
-    train = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(12)}
-    test = {f"Test_Person_{k:02d}": 3 for k in range(4)}
-    write_people(root / "images", {**train, **test})
-    write_view1_protocol(root, train, test)
-    (root / "images" / faces.SETTINGS_FILE).write_text(json.dumps(faces.crop_settings()))
+    small_lfw(root)
     assert training.main(vars(trainer2), tiny_args(root, root / "run", epochs=1)) == 0
     face = astronaut()
-    two = np.full((512, 768, 3), 200, np.uint8)
-    two[:, :512] = face
-    two[150:350, 540:740] = (resize(face, (200, 200)) * 255).astype(np.uint8)
+    two = two_face_photo(face)
     return {"ckpt": root / "run" / "best_accuracy.pt",
             "face": jpeg(root / "astronaut.jpg", face),
             "two": jpeg(root / "two_faces.jpg", two),
