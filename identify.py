@@ -19,7 +19,8 @@ keyed by each file's content (SHA-256) and the checkpoint: a later run embeds on
 changed photos, and removed ones drop out. Photos without a face are recorded too, so they
 are not searched again. Search is one matrix product over the gallery's embeddings.
 
-Without --checkpoint, the newest logs/<run>/best_accuracy.pt is used.
+Without --checkpoint, the newest logs/<run>/best_accuracy.pt is used, or with no run of your
+own the model shipped in models/ (said on the first line).
 Exit status: 0 every query photo answered (a photo without a face is answered "no face
 found"); 2 an error (one line on stderr naming the file and the fix).
 """

@@ -101,4 +101,4 @@ def test_the_demo_uses_the_shipped_model_when_logs_hold_no_run(trained, tmp_path
     at.run()
     assert not at.exception and not at.error
     assert any("the shipped models/lfw-compact.pt" in i.value for i in at.info)
-    assert any("Same person" in s.value for s in at.success + at.warning)
+    assert any("Same person" in s.value for s in list(at.success) + list(at.warning))
