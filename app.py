@@ -22,7 +22,6 @@ import io
 import json
 import os
 import random
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -593,44 +592,6 @@ def files_key(folder, files, ckpt_sha):
     return f"{Path(folder).resolve()}:{ckpt_sha}:{digest.hexdigest()}"
 
 
-def cache_state(folder, files, tools):
-    """identify.py's cache of the folder as load_gallery reads it: (known, failed, live
-    hashes, [(path, sha256)] of the photos not embedded yet)."""
-    hashes = {}
-    for _, p in files:
-        try:
-            hashes[p] = identify.sha256_file(p)
-        except OSError:
-            continue  # load_gallery warns about it
-    known, failed = identify.load_cache(identify.cache_path(folder, tools.ckpt_sha),
-                                        tools.ckpt_sha)
-    todo = {h: p for p, h in hashes.items() if h not in known and h not in failed}
-    return known, failed, set(hashes.values()), [(p, h) for h, p in todo.items()]
-
-
-def embed_with_progress(folder, state, tools):
-    """Embed the new photos into identify.py's cache in batches, under a progress bar, and
-    save it; load_gallery then finds every photo cached. Done here because load_gallery embeds
-    in one call with no progress hook, and a first LFW gallery takes minutes."""
-    known, failed, live, todo = state
-    where = identify.cache_path(folder, tools.ckpt_sha)
-
-    def save():
-        identify.save_cache(where, tools.ckpt_sha, known, failed, live)
-    bar = st.progress(0.0, text=f"Embedding the gallery: 0 of {len(todo):,} new photos…")
-    last_save = time.monotonic()
-    for start in range(0, len(todo), identify.BATCH):
-        identify.embed_new(todo[start:start + identify.BATCH], tools, known, failed, save)
-        done = min(start + identify.BATCH, len(todo))
-        bar.progress(done / len(todo), text=f"Embedding the gallery: {done:,} of "
-                                            f"{len(todo):,} new photos…")
-        if time.monotonic() - last_save > identify.SAVE_EVERY_S:  # a closed tab loses less
-            save()
-            last_save = time.monotonic()
-    save()
-    bar.empty()
-
-
 def folder_gallery(folder, tools):
     """identify.py's gallery of a <person>/<photo> folder, its cache beside it brought up to
     date (with a progress bar, and after a button press when there are many new photos).
@@ -641,8 +602,8 @@ def folder_gallery(folder, tools):
     if key in store:  # loaded before: nothing is embedded now
         return SimpleNamespace(**{**vars(store[key]), "n_new": 0}), key
     with st.spinner(f"Reading the {len(files):,} photos of {folder}…"):
-        state = cache_state(folder, files, tools)
-    todo = state[3]
+        state = identify.gallery_state(folder, files, tools)
+    todo = state[4]
     if len(todo) > CONFIRM_OVER and not st.session_state.get(f"embed:{key}"):
         st.info(f"{len(todo):,} of the gallery's {len(files):,} photos are not embedded yet "
                 "for this checkpoint. That takes minutes on a CPU, once: the embeddings are "
@@ -651,10 +612,16 @@ def folder_gallery(folder, tools):
             st.session_state[f"embed:{key}"] = True
             st.rerun()
         return None, key
-    if todo:
-        embed_with_progress(folder, state, tools)
-    gallery = identify.load_gallery(folder, files, tools)  # all cached: it embeds nothing
-    gallery.n_new = len(todo)
+    bar = st.progress(0.0, text=f"Embedding the gallery: 0 of {len(todo):,} new photos…") \
+        if todo else None
+
+    def progress(done, total):  # a first LFW gallery takes minutes: show where it is
+        bar.progress(done / total, text=f"Embedding the gallery: {done:,} of {total:,} new "
+                                        "photos…")
+    gallery = identify.load_gallery(folder, files, tools, state=state,
+                                    progress=progress if todo else None)
+    if bar is not None:
+        bar.empty()
     while len(store) >= 2:
         store.pop(next(iter(store)))
     store[key] = gallery

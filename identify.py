@@ -210,10 +210,11 @@ def save_cache(path, ckpt_sha, known, failed, live):
               "be embedded again next time", file=sys.stderr)
 
 
-def embed_new(todo, tools, known, failed, save):
+def embed_new(todo, tools, known, failed, save, progress=None):
     """Detect and embed the gallery photos not in the cache, [(path, sha256)], in batches,
-    into known (embeddings) and failed (no face, unreadable); save() now and then."""
-    pending, last_save = [], time.perf_counter()
+    into known (embeddings) and failed (no face, unreadable); save() now and then, and
+    progress(done, total) after each batch if given (the demo's progress bar)."""
+    pending, last_save, done = [], time.perf_counter(), 0
 
     def flush():
         if pending:
@@ -221,7 +222,10 @@ def embed_new(todo, tools, known, failed, save):
                               tools.device, tools.amp)
             known.update(zip([h for h, _ in pending], emb))
             pending.clear()
+        if progress is not None:
+            progress(done, len(todo))
     for path, sha in tqdm(todo, desc="gallery", unit="photo", disable=None, leave=False):
+        done += 1
         try:
             crop, _ = faces.face_for_model(tools.detector, faces.read_image(path),
                                            tools.settings)
@@ -237,25 +241,35 @@ def embed_new(todo, tools, known, failed, save):
     flush()
 
 
-def load_gallery(folder, files, tools):
-    """The gallery, its cache brought up to date: people, photos with a face, each photo's
-    person, the search matrix, and a warning per photo left out."""
+def gallery_state(folder, files, tools):
+    """What the cache already holds for the folder's photos: (hashes {path: sha256},
+    warnings, known, failed, todo [(path, sha256)] of the photos not embedded yet). Every
+    file is hashed once here; load_gallery takes the state, so a caller that first wants to
+    know how much is new (the demo) hashes nothing twice."""
     hashes, warnings = {}, []
     for _, path in files:
         try:
             hashes[path] = sha256_file(path)
         except OSError as e:
             warnings.append(f"{path}: skipped, cannot read it ({e.strerror or e})")
-    where = cache_path(folder, tools.ckpt_sha)
-    known, failed = load_cache(where, tools.ckpt_sha)
-    live = set(hashes.values())
+    known, failed = load_cache(cache_path(folder, tools.ckpt_sha), tools.ckpt_sha)
     todo = [(p, h) for h, p in {h: p for p, h in hashes.items()
                                 if h not in known and h not in failed}.items()]
+    return hashes, warnings, known, failed, todo
+
+
+def load_gallery(folder, files, tools, state=None, progress=None):
+    """The gallery, its cache brought up to date: people, photos with a face, each photo's
+    person, the search matrix, and a warning per photo left out. state: gallery_state's, if
+    the caller has it; progress(done, total): called while new photos are embedded."""
+    hashes, warnings, known, failed, todo = state or gallery_state(folder, files, tools)
+    warnings = list(warnings)
+    where, live = cache_path(folder, tools.ckpt_sha), set(hashes.values())
 
     def save():
         save_cache(where, tools.ckpt_sha, known, failed, live)
     if todo or not where.is_file() or (set(known) | set(failed)) - live:
-        embed_new(todo, tools, known, failed, save)
+        embed_new(todo, tools, known, failed, save, progress)
         save()
     index, people, photos, person_of, rows = {}, [], [], [], []
     for person, path in files:

@@ -27,8 +27,8 @@ activation = "sigmoid"         # resnext head: sigmoid or relu
 p = 0.0                        # dropout probability in the head
 init = "kaiming"               # init of new layers: default, kaiming, xavier, koch
 channels_last = False          # NHWC memory format
-torch_compile = True           # torch.compile the training step (~1.6x here; the first
-                               # steps compile, ~30 s once per machine); False: eager
+torch_compile = True           # torch.compile the training step (faster: RECIPE.md's profile;
+                               # the first steps compile); False: eager
 # ---- loss
 loss = "arcface"               # bce (the paper's), contrastive, triplet, arcface
 distance = "cosine"            # l1 (the paper's) or cosine

@@ -506,8 +506,8 @@ def st_cache_resource_clear():
 
 def test_app_embedding_leaves_identify_nothing_to_embed(monkeypatch, logs, astronaut,
                                                         tmp_path):
-    """The page embeds a new folder in batches (for its progress bar) into identify.py's
-    cache; identify.load_gallery must then find every photo there and embed none."""
+    """The page embeds a new folder through identify.load_gallery with a progress hook, into
+    identify.py's cache; a later load_gallery must then find every photo there and embed none."""
     (tmp_path / "g" / "Eileen_Collins").mkdir(parents=True)
     (tmp_path / "g" / "Eileen_Collins" / "a.jpg").write_bytes(astronaut)
     path = logs / "compact-arcface-20250101-120000" / "best_accuracy.pt"
@@ -517,9 +517,12 @@ def test_app_embedding_leaves_identify_nothing_to_embed(monkeypatch, logs, astro
                                 device=torch.device("cpu"), image_size=64, amp=False,
                                 ckpt_sha=app.identify.sha256_file(path))
     files = app.identify.gallery_files(tmp_path / "g")
-    state = app.cache_state(tmp_path / "g", files, tools)
-    assert len(state[3]) == 1
-    app.embed_with_progress(tmp_path / "g", state, tools)
+    state = app.identify.gallery_state(tmp_path / "g", files, tools)
+    assert len(state[4]) == 1
+    seen = []
+    app.identify.load_gallery(tmp_path / "g", files, tools, state=state,
+                              progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (1, 1)
     monkeypatch.setattr(app.identify, "embed_faces", lambda *a, **k: pytest.fail("re-embedded"))
     gallery = app.identify.load_gallery(tmp_path / "g", files, tools)
     assert gallery.people == ["Eileen_Collins"] and gallery.n_new == 0
