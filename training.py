@@ -545,29 +545,51 @@ def train_one_epoch(run, budget, snapshots):
             return losses, seen, True
         for g in run.optimizer.param_groups:
             g["lr"] = cfg["lr"] * lr_factor(cfg, progress, state["step"], run.steps_per_epoch)
-        x1, x2, y = (t.to(run.device, non_blocking=True) if t is not None else None
-                     for t in unpack(batch, cfg["loss"]))
-        if cfg["batch_augment"]:  # uint8 batches, augmented here in a few tensor operations
-            x1, x2 = (ds.augment_batch(x, cfg["image_size"], cfg["augment_p"])
-                      if x is not None else None for x in (x1, x2))
-        if cfg["channels_last"]:
-            x1 = x1.contiguous(memory_format=torch.channels_last)
-        with autocast(cfg["mixed_precision"], run.device):
-            loss = run.ddp(x1, x2, y)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        if run.ema is not None:
-            run.ema.update_parameters(run.net)
+        loss, images = train_step(run, batch)
         state["step"] += 1
         if run.main and snapshots and budget.minutes() >= snapshots[0]:
             save_snapshot(run, budget, snapshots.pop(0))
         losses.append(loss.item())
-        seen += len(x1) * (2 if x2 is not None else 1) * run.world
+        seen += images * run.world
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
                         lr=f"{run.optimizer.param_groups[0]['lr']:.1e}")
     return losses, seen, False
+
+
+def train_step(run, batch, times=None):
+    """One optimisation step: the batch to the device, batch augmentation, forward, backward,
+    the optimizer and the EMA. Returns (loss, images). times: a dict each part's milliseconds
+    are added to, for benchmark.py --profile, which so times exactly the step training runs."""
+    cfg, last = run.cfg, [time.perf_counter()]
+
+    def done(part):
+        if times is not None:
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            times[part] = times.get(part, 0.0) + (now - last[0]) * 1000
+            last[0] = now
+    x1, x2, y = (t.to(run.device, non_blocking=True) if t is not None else None
+                 for t in unpack(batch, cfg["loss"]))
+    done("data")
+    if cfg["batch_augment"]:  # uint8 batches, augmented here in a few tensor operations
+        x1, x2 = (ds.augment_batch(x, cfg["image_size"], cfg["augment_p"])
+                  if x is not None else None for x in (x1, x2))
+    if cfg["channels_last"]:
+        x1 = x1.contiguous(memory_format=torch.channels_last)
+    done("augment")
+    with autocast(cfg["mixed_precision"], run.device):
+        loss = run.ddp(x1, x2, y)
+    done("forward")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    done("backward")
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.ema is not None:
+        run.ema.update_parameters(run.net)
+    done("optimizer")
+    return loss, len(x1) * (2 if x2 is not None else 1)
 
 
 def save_snapshot(run, budget, minutes):
@@ -682,9 +704,11 @@ def profile(namespace, argv, steps=20, warmup=3):
     threads = set_threads(cfg["threads"] or None)
     seed_everything(cfg["seed"])
     data = build_data(cfg)
-    net, model, ema, optimizer, scaler = build_model_and_optimizer(cfg, len(data.labels), device)
-    model.train()
-    parts = dict.fromkeys(("data", "augment", "forward", "backward", "optimizer"), 0.0)
+    run = SimpleNamespace(cfg=cfg, device=device)
+    run.net, run.ddp, run.ema, run.optimizer, run.scaler = \
+        build_model_and_optimizer(cfg, len(data.labels), device)
+    run.ddp.train()
+    net, parts = run.net, dict.fromkeys(("data", "augment", "forward", "backward", "optimizer"), 0.0)
 
     def clock():
         if device.type == "cuda":
@@ -696,30 +720,18 @@ def profile(namespace, argv, steps=20, warmup=3):
     while done < warmup + steps:
         if done == warmup and not warmup_s:  # the first steps compile, when torch_compile is on
             warmup_s = clock() - started
-        t = [clock()]
+        t0 = clock()
         batch = next(loader, None)
         if batch is None:
             loader = iter(epoch_loader(cfg, data, done, 0, 1))
             continue
-        x1, x2, y = (v.to(device) if v is not None else None for v in unpack(batch, cfg["loss"]))
-        t.append(clock())
-        if cfg["batch_augment"]:
-            x1, x2 = (ds.augment_batch(x, cfg["image_size"], cfg["augment_p"])
-                      if x is not None else None for x in (x1, x2))
-        t.append(clock())
-        with autocast(cfg["mixed_precision"], device):
-            loss = model(x1, x2, y)
-        t.append(clock())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        t.append(clock())
-        scaler.step(optimizer)
-        scaler.update()
-        t.append(clock())
-        if done >= warmup:
-            for key, a, b in zip(parts, t, t[1:]):
-                parts[key] += (b - a) * 1000 / steps
-            images += len(x1) * (2 if x2 is not None else 1)
+        fetch_ms, times = (clock() - t0) * 1000, {}
+        _, n = train_step(run, batch, times)
+        if done >= warmup:  # the DataLoader's fetch counts as data, with the copy to the device
+            times["data"] += fetch_ms
+            for key in parts:
+                parts[key] += times[key] / steps
+            images += n
         done += 1
     t0 = clock()
     validate(net, cfg, data.val_pairs, data.bank, device)
