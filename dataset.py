@@ -258,8 +258,9 @@ def decode_all(paths, size, desc="decode"):
     return out
 
 
-def train_transform(image_size, augment_p=0.5):
-    """Flips always; with probability augment_p a random affine crop and a colour jitter."""
+def train_transform(image_size, augment_p=0.5, erase_p=0.0):
+    """Flips always; with probability augment_p a random affine crop and a colour jitter; with
+    probability erase_p one random rectangle set to the mean colour (random erasing)."""
     return v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.9, 1.1),
@@ -268,6 +269,7 @@ def train_transform(image_size, augment_p=0.5):
         v2.RandomGrayscale(p=0.1 * augment_p),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(MEAN, STD),
+        v2.RandomErasing(p=erase_p, scale=ERASE_SCALE, ratio=ERASE_RATIO),
     ])
 
 
@@ -280,10 +282,15 @@ def eval_transform():
 CROP_SCALE, CROP_RATIO, JITTER = (0.7, 1.0), (0.9, 1.1), 0.3
 
 
-def augment_params(n, augment_p=0.5, flip_p=0.5, generator=None, device="cpu"):
+# Random erasing's rectangle: 2-20% of the face, aspect 0.3-3.3; at these ranges it always fits,
+# so RandomErasing's first try is its draw.
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.2), (0.3, 3.3)
+
+
+def augment_params(n, augment_p=0.5, flip_p=0.5, generator=None, device="cpu", erase_p=0.0):
     """Each image's random draw, as train_transform draws it: flip, crop box (width, height
     and centre as fractions of the image), colour factors (1 = unchanged) in a random order,
-    and greyscale."""
+    greyscale, and the erased rectangle (its size and top-left corner, as fractions)."""
     def u(*shape, lo=0.0, hi=1.0):
         return lo + (hi - lo) * torch.rand(*shape, generator=generator, device=device)
 
@@ -300,7 +307,12 @@ def augment_params(n, augment_p=0.5, flip_p=0.5, generator=None, device="cpu"):
     h = torch.where(crop, h_try.gather(1, first)[:, 0], one)
     jitter = u(n) < augment_p
     factors = [torch.where(jitter, u(n, lo=1 - JITTER, hi=1 + JITTER), one) for _ in range(3)]
-    return {"flip": u(n) < flip_p, "w": w, "h": h, "cx": w / 2 + u(n) * (1 - w),
+    e_area = u(n, lo=ERASE_SCALE[0], hi=ERASE_SCALE[1])
+    e_ratio = u(n, lo=math.log(ERASE_RATIO[0]), hi=math.log(ERASE_RATIO[1])).exp()
+    ew, eh = (e_area * e_ratio).sqrt(), (e_area / e_ratio).sqrt()
+    erase = {"erase": u(n) < erase_p, "ew": ew, "eh": eh, "ex": u(n) * (1 - ew),
+             "ey": u(n) * (1 - eh)}
+    return {**erase, "flip": u(n) < flip_p, "w": w, "h": h, "cx": w / 2 + u(n) * (1 - w),
             "cy": h / 2 + u(n) * (1 - h), "brightness": factors[0], "contrast": factors[1],
             "saturation": factors[2], "order": u(n, 3).argsort(1), "grey": u(n) < 0.1 * augment_p}
 
@@ -309,17 +321,17 @@ def grey(x):
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def augment_batch(images, size, augment_p=0.5, flip_p=0.5, generator=None):
+def augment_batch(images, size, augment_p=0.5, flip_p=0.5, generator=None, erase_p=0.0):
     """train_transform for a uint8 batch (N, 3, H, W) at once, on its own device, each image
     with its own draw; normalised floats (N, 3, size, size) out. With every probability 0 it
     is exactly eval_transform."""
-    params = augment_params(len(images), augment_p, flip_p, generator, images.device)
+    params = augment_params(len(images), augment_p, flip_p, generator, images.device, erase_p)
     return apply_augment(images, params, size)
 
 
 def apply_augment(images, p, size):
     """Flip and resized crop as one batch of affine grids, colour jitter by broadcasting, then
-    greyscale and normalisation."""
+    greyscale, normalisation and erasing."""
     n, device = len(images), images.device
     x = images.float().mul_(1 / 255)
     if p["flip"].any() or (p["w"] < 1).any() or (p["h"] < 1).any() or x.shape[-1] != size:
@@ -348,7 +360,14 @@ def apply_augment(images, p, size):
         chosen = p["grey"].nonzero()[:, 0]
         x[chosen] = grey(x[chosen]).expand(-1, 3, -1, -1)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(torch.tensor(STD, device=device).view(1, 3, 1, 1))
+    x.sub_(mean).div_(torch.tensor(STD, device=device).view(1, 3, 1, 1))
+    if p["erase"].any():  # 0 after normalisation is the mean colour, as RandomErasing's value=0
+        at = (torch.arange(size, device=device) + 0.5) / size
+        cols = (at.view(1, -1) >= p["ex"].view(n, 1)) & (at.view(1, -1) < (p["ex"] + p["ew"]).view(n, 1))
+        rows = (at.view(1, -1) >= p["ey"].view(n, 1)) & (at.view(1, -1) < (p["ey"] + p["eh"]).view(n, 1))
+        inside = rows[:, :, None] & cols[:, None, :] & p["erase"].view(n, 1, 1)
+        x.masked_fill_(inside[:, None], 0.0)
+    return x
 
 
 class ImageBank:

@@ -29,21 +29,23 @@ class ModelConfig:
     model: str = "compact"      # koch (Koch et al. 2015), compact (small ResNet), resnext
     image_size: int = 112
     embedding_dim: int = 256    # compact only
+    width: int = 0              # koch, compact: first-stage channels (0: the model's own, 64, 32)
     loss: str = "arcface"       # bce scores pairs with a learnt head; the others by distance
     distance: str = "cosine"
     drop_layer4: bool = False   # resnext only
     head_hidden: int = 1024     # resnext only
     head_depth: int = 1         # resnext only
     activation: str = "sigmoid"  # resnext head
-    p: float = 0.0              # dropout before the embedding (compact) or in the head (resnext)
+    p: float = 0.0              # dropout before the embedding (koch, compact) or in the head
     init: str = "kaiming"       # for layers without pretrained weights
 
     def __post_init__(self):
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.image_size < 1 or self.embedding_dim < 1 or not 0 <= self.p < 1:
-            raise ValueError("image_size and embedding_dim must be positive and p in [0, 1)")
+        if min(self.image_size, self.embedding_dim) < 1 or self.width < 0 or not 0 <= self.p < 1:
+            raise ValueError("image_size and embedding_dim must be positive, width 0 or more "
+                             "and p in [0, 1)")
 
     @classmethod
     def from_dict(cls, values):
@@ -66,26 +68,29 @@ class CheckpointError(ValueError):
 
 class KochNet(nn.Module):
     """Koch et al. 2015: four conv layers, then a 4096-unit sigmoid layer. The flatten size
-    is computed from the input size, so any image_size works."""
+    is computed from the input size, so any image_size works. width scales every layer (the
+    paper's is 64: 64-128-128-256 channels, 4096 units); p is dropout before the last layer."""
 
-    def __init__(self, image_size=105):
+    def __init__(self, image_size=105, width=64, p=0.0):
         super().__init__()
+        w = width
         self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 10), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 7), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(128, 128, 4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(128, 256, 4), nn.ReLU(inplace=True), nn.Flatten())
+            nn.Conv2d(3, w, 10), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 7), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 4), nn.ReLU(inplace=True), nn.Flatten())
         with torch.no_grad():
             try:
                 flat = self.features(torch.zeros(1, 3, image_size, image_size)).shape[1]
             except RuntimeError:
                 raise ValueError(f"image_size={image_size} is too small for KochNet; "
                                  "use 80 or more (the paper's is 105)") from None
-        self.fc = nn.Sequential(nn.Linear(flat, 4096), nn.Sigmoid())
-        self.out_dim = 4096
+        self.drop = nn.Dropout(p)  # apart from fc, so that older checkpoints' keys still load
+        self.fc = nn.Sequential(nn.Linear(flat, 64 * w), nn.Sigmoid())
+        self.out_dim = 64 * w
 
     def forward(self, x):
-        return self.fc(self.features(x))
+        return self.fc(self.drop(self.features(x)))
 
 
 def basic_block(cin, cout, stride):
@@ -171,14 +176,21 @@ class ResNeXtEmbedder(nn.Module):
         return self.head(self.body(x))
 
 
+IMAGENET = torchvision.models.ResNeXt50_32X4D_Weights.IMAGENET1K_V2
+
+
+def imagenet_weights_file():
+    """Where torchvision's cache keeps the ResNeXt-50 ImageNet weights (TORCH_HOME/hub)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
+
+
 def imagenet_weights():
-    """ResNeXt-50 ImageNet weights through torchvision's cache (TORCH_HOME/hub/checkpoints)."""
-    weights = torchvision.models.ResNeXt50_32X4D_Weights.IMAGENET1K_V2
+    """ResNeXt-50 ImageNet weights through torchvision's cache, downloaded when absent."""
+    weights = IMAGENET
     try:
         return weights.get_state_dict(progress=True)
     except (urllib.error.URLError, OSError) as e:
-        name = Path(weights.url).name
-        where = Path(torch.hub.get_dir()) / "checkpoints" / name
+        name, where = Path(weights.url).name, imagenet_weights_file()
         raise PretrainedWeightsMissing(
             f"cannot download ImageNet weights {name} ({e.__class__.__name__}): fetch "
             f"{weights.url} on a machine with internet and put it at {where}, or train from "
@@ -317,10 +329,11 @@ def build_model(cfg, pretrained=False):
     body from ImageNet weights (training only; a checkpoint brings its own weights)."""
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
     if cfg.model == "koch":
-        backbone = KochNet(cfg.image_size)
+        backbone = KochNet(cfg.image_size, cfg.width or 64, cfg.p)
         init_weights(backbone, cfg.init)
     elif cfg.model == "compact":
-        backbone = CompactResNet(cfg.image_size, cfg.embedding_dim, p=cfg.p)
+        backbone = CompactResNet(cfg.image_size, cfg.embedding_dim, p=cfg.p,
+                                 widths=tuple((cfg.width or 32) * 2 ** i for i in range(4)))
         init_weights(backbone, cfg.init)
     else:
         backbone = ResNeXtEmbedder(pretrained, cfg.drop_layer4, cfg.head_hidden, cfg.head_depth,
@@ -421,13 +434,14 @@ def batch_hard_triplet_loss(e, ids, distance="cosine", margin=0.2):
 
 class ArcFace(nn.Module):
     """Additive angular margin (Deng et al. 2019) over the training identities: logits
-    s * cos(theta + m) for the true class, s * cos(theta) for the others."""
+    s * (cos(theta + m) - m_cos) for the true class, s * cos(theta) for the others. m_cos is
+    CosFace's additive cosine margin (Wang et al. 2018): m=0 with m_cos>0 is CosFace."""
 
-    def __init__(self, embedding_dim, n_classes, scale=32.0, margin=0.5):
+    def __init__(self, embedding_dim, n_classes, scale=32.0, margin=0.5, cos_margin=0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_classes, embedding_dim))
         nn.init.xavier_uniform_(self.weight)
-        self.scale, self.margin = scale, margin
+        self.scale, self.margin, self.cos_margin = scale, margin, cos_margin
 
     def forward(self, e, ids, label_smoothing=0.0):
         cos = F.linear(F.normalize(e.float()), F.normalize(self.weight.float())).clamp(-1 + 1e-7, 1 - 1e-7)
@@ -436,7 +450,7 @@ class ArcFace(nn.Module):
         # Past pi - m the margin would bend cos back up; fall back to CosFace's shift there.
         target = torch.where(theta + self.margin < torch.pi, target,
                              cos.gather(1, ids[:, None]) - self.margin * torch.sin(torch.tensor(self.margin)))
-        logits = cos.scatter(1, ids[:, None], target) * self.scale
+        logits = cos.scatter(1, ids[:, None], target - self.cos_margin) * self.scale
         return F.cross_entropy(logits, ids, label_smoothing=label_smoothing)
 
 

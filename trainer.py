@@ -14,12 +14,14 @@ val_pairs = 1000               # fixed validation pairs (half same, half differe
 image_size = 105               # input side in pixels: the paper's 105 (photos are resized)
 cache_images = True            # decode every image once and keep it in memory
 augment_p = 0.5                # probability of the random crop and of the colour jitter
+erase_p = 0.0                  # probability of erasing a rectangle (2-20% of the face)
 num_workers = 0                # DataLoader worker processes (0: in the training process)
 batch_augment = True           # augment whole uint8 batches on the device (False: image by image)
 # ---- model
 model = "koch"                 # koch (Koch et al. 2015), compact (small ResNet), resnext
 pretrained = True              # resnext only: start from ImageNet weights (torchvision cache)
 embedding_dim = 256            # compact only: embedding size
+width = 0                      # koch, compact: first-stage channels (0: the model's own)
 drop_layer4 = False            # resnext only: cut the last stage
 head_hidden = 1024             # resnext only: hidden size of the MLP head
 head_depth = 1                 # resnext only: layers in the MLP head
@@ -34,6 +36,7 @@ loss = "bce"                   # bce (the paper's), contrastive, triplet, arcfac
 distance = "l1"                # l1 (the paper's) or cosine
 margin = 0.5                   # arcface angle margin, or contrastive/triplet distance margin
 arc_scale = 32.0               # arcface logit scale
+cos_margin = 0.0               # arcface: CosFace's cosine margin (margin=0 and 0.35: CosFace)
 label_smoothing = 0.0          # arcface only
 pairs_per_epoch = 0            # bce/contrastive: pairs drawn per epoch (0: 2 x training images)
 per_person = 4                 # triplet: images per person in a batch

@@ -207,8 +207,8 @@ class LossModel(torch.nn.Module):
     def __init__(self, net, cfg, n_classes):
         super().__init__()
         self.net, self.cfg = net, cfg
-        self.arcface = ArcFace(net.backbone.out_dim, n_classes, cfg["arc_scale"], cfg["margin"]) \
-            if cfg["loss"] == "arcface" else None
+        self.arcface = ArcFace(net.backbone.out_dim, n_classes, cfg["arc_scale"],
+                               cfg["margin"], cfg["cos_margin"]) if cfg["loss"] == "arcface" else None
 
     def forward(self, x1, x2, y):
         loss = self.cfg["loss"]
@@ -249,7 +249,7 @@ def build_data(cfg):
                            labels={n: i for i, n in enumerate(sorted(people))}, crop=crop,
                            n_train_images=len(bank.paths) - len(val_paths),
                            transform=ds.keep if cfg["batch_augment"] else
-                           ds.train_transform(cfg["image_size"], cfg["augment_p"]))
+                           ds.train_transform(cfg["image_size"], cfg["augment_p"], cfg["erase_p"]))
 
 
 def build_model_and_optimizer(cfg, n_classes, device):
@@ -573,7 +573,7 @@ def train_step(run, batch, times=None):
                  for t in unpack(batch, cfg["loss"]))
     done("data")
     if cfg["batch_augment"]:  # uint8 batches, augmented here in a few tensor operations
-        x1, x2 = (ds.augment_batch(x, cfg["image_size"], cfg["augment_p"])
+        x1, x2 = (ds.augment_batch(x, cfg["image_size"], cfg["augment_p"], erase_p=cfg["erase_p"])
                   if x is not None else None for x in (x1, x2))
     if cfg["channels_last"]:
         x1 = x1.contiguous(memory_format=torch.channels_last)
@@ -745,7 +745,8 @@ def profile(namespace, argv, steps=20, warmup=3):
 
 def profile_embedding(namespace, argv, n_images=2048):
     """Embedding throughput of the trainer's network on validation images, eager against
-    torch.compile (its compile time counted apart), in the run's mixed precision."""
+    torch.compile (its compile time counted apart; eager only with torch_compile off), in the
+    run's mixed precision."""
     cfg = load_config(namespace, argv)
     device = pick_device(cfg["device"])
     set_threads(cfg["threads"] or None)
@@ -754,7 +755,7 @@ def profile_embedding(namespace, argv, n_images=2048):
     images = torch.stack([data.bank[p] for p in paths])
     net = build_model(ModelConfig.from_dict(cfg)).to(device).eval()
     out, compile_s = {}, 0.0
-    for name in ("eager", "compiled"):
+    for name in ("eager", "compiled") if cfg["torch_compile"] else ("eager",):
         if name == "compiled":
             t0 = time.perf_counter()
             net.backbone.compile(dynamic=False)

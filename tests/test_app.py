@@ -8,6 +8,7 @@ The fixture net is untrained but deterministic (seed 0): the same photo twice sc
 cameraman about -0.51. Its threshold, -0.3, puts each of these pairs on a known side, outside
 the close-call band (±0.105 at that threshold), so the tests assert exact verdicts.
 """
+import dataclasses
 import io
 import json
 import os
@@ -73,7 +74,7 @@ def write_checkpoint(path, **extra):
     row = {"accuracy": 0.61, "precision": 0.6, "recall": 0.62, "f1": 0.61, "auc": 0.66,
            "loss": 0.17, "threshold": THRESHOLD}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": net.state_dict(), "model_config": {k: CFG[k] for k in model.MODEL_KEYS},
+    torch.save({"model": net.state_dict(), "model_config": dataclasses.asdict(model.ModelConfig.from_dict(CFG)),
                 "config": CFG, "epoch": 2, "step": 20, "metrics": row, "threshold": THRESHOLD,
                 "crop": faces.crop_settings(), "train_people": [], "git_commit": "test", **extra},
                path)

@@ -86,3 +86,40 @@ def test_colour_statistics_match_the_per_image_transform():
     se = per_image.std() * math.sqrt(2 / n)
     assert abs(batch.mean() - per_image.mean()) < 4 * se
     assert abs(batch.std() - per_image.std()) < 4 * se / math.sqrt(2) + 0.01
+
+
+def erased_share(out):
+    """The share of each image's pixels that erasing set to the mean (0 after normalising)."""
+    return (out == 0).all(1).float().mean((1, 2))
+
+
+def test_erasing_is_one_rectangle_of_the_drawn_size_and_is_off_by_default():
+    x = smooth_batch(200) | 1  # no pixel at exactly the mean colour before erasing
+    assert erased_share(ds.augment_batch(x, 112, 0.0, 0.0)).max() == 0
+    g = torch.Generator().manual_seed(5)
+    p = ds.augment_params(200, 0.0, 0.0, generator=g, erase_p=1.0)
+    out = ds.apply_augment(x, p, 112)
+    share = erased_share(out)
+    assert torch.allclose(share, p["ew"] * p["eh"], atol=0.03)  # whole pixels round the edges
+    assert share.min() > 0.005 and share.max() < 0.23
+    for img, ex, ey in zip(out[:20], p["ex"], p["ey"]):
+        rows, cols = (img == 0).all(0).nonzero().unbind(1)
+        block = img[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert (block == 0).all()  # a filled rectangle
+        assert abs(cols.min() / 112 - ex) < 0.02 and abs(rows.min() / 112 - ey) < 0.02
+
+
+def test_erasing_rate_and_sizes_match_torchvision_random_erasing():
+    x, n = smooth_batch(1) | 1, 2000
+    torch.manual_seed(0)
+    batch = erased_share(ds.augment_batch(x.expand(n, -1, -1, -1).contiguous(), 112, 0.0, 0.0,
+                                          erase_p=0.5))
+    ref = v2.RandomErasing(p=0.5, scale=ds.ERASE_SCALE, ratio=ds.ERASE_RATIO)
+    per_image = erased_share(torch.stack([ref(ds.eval_transform()(x[0])) for _ in range(n)]))
+    tol = 4 * math.sqrt(0.25 / n)
+    assert abs((batch > 0).float().mean() - 0.5) < tol
+    assert abs((per_image > 0).float().mean() - 0.5) < tol
+    for q in (0.25, 0.5, 0.75):
+        assert abs(batch[batch > 0].quantile(q) - per_image[per_image > 0].quantile(q)) < 0.015, q
+    # and the per-image transform that the trainers build erases as well
+    assert (erased_share(ds.train_transform(112, 0.0, erase_p=1.0)(x[0])[None]) > 0).all()

@@ -209,3 +209,37 @@ def test_missing_pretrained_weights_give_one_clear_line(tmp_path, monkeypatch):
     text = str(e.value)
     assert "\n" not in text and "resnext50_32x4d-1a0047aa.pth" in text
     assert str(tmp_path / "hub" / "checkpoints") in text and "--pretrained=False" in text
+
+
+def test_width_scales_koch_and_compact_and_old_configs_keep_their_own():
+    build_model, ModelConfig = m.build_model, m.ModelConfig
+    narrow = build_model(ModelConfig(width=16))
+    default = build_model(ModelConfig.from_dict({"model": "compact"}))  # a config from before
+    convs = [m.out_channels for m in default.backbone.features if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0] == 32
+    n = lambda net: sum(p.numel() for p in net.parameters())
+    assert n(narrow) < n(default) / 3
+    assert narrow(torch.zeros(2, 3, 112, 112)).shape == (2, 256)
+    koch = build_model(ModelConfig(model="koch", loss="bce", distance="l1", image_size=105))
+    small = build_model(ModelConfig(model="koch", loss="bce", distance="l1", image_size=105,
+                                    width=32, p=0.5))
+    assert koch.backbone.out_dim == 4096 and small.backbone.out_dim == 2048  # the paper's 4096
+    assert koch.backbone.features[0].out_channels == 64 and n(small) < n(koch) / 3
+    assert any(isinstance(x, torch.nn.Dropout) and x.p == 0.5 for x in small.modules())
+    with pytest.raises(ValueError, match="width"):
+        ModelConfig(width=-1)
+
+
+def test_cos_margin_subtracts_from_the_true_class_cosine_only():
+    ArcFace = m.ArcFace
+    torch.manual_seed(0)
+    head = ArcFace(8, 5, scale=10.0, margin=0.0, cos_margin=0.35)
+    e, ids = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    cos = torch.nn.functional.linear(torch.nn.functional.normalize(e),
+                                     torch.nn.functional.normalize(head.weight))
+    expected = torch.nn.functional.cross_entropy(
+        10.0 * (cos - 0.35 * torch.nn.functional.one_hot(ids, 5)), ids)
+    assert torch.allclose(head(e, ids), expected, atol=1e-4)
+    plain = ArcFace(8, 5, scale=10.0, margin=0.0)
+    plain.weight.data.copy_(head.weight.data)
+    assert head(e, ids) > plain(e, ids)  # a margin makes the task harder

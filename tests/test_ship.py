@@ -38,7 +38,10 @@ def test_the_shipped_file_is_half_precision_weights_that_load_safely(trained, tm
     assert ckpt["threshold"] == full["threshold"] and ckpt["crop"] == full["crop"]
     x = ds.eval_transform()(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8))
     with torch.no_grad():
-        assert torch.allclose(net.embed(x), full_net.embed(x), atol=2e-2, rtol=2e-2)
+        half, whole = net.embed(x), full_net.embed(x)
+    # Half precision moves each value by about 1e-3 of its size; scores use the direction.
+    assert ((half - whole).norm(dim=1) / whole.norm(dim=1)).max() < 1e-2
+    assert torch.nn.functional.cosine_similarity(half, whole).min() > 0.9999
     text = (out.parent / "MODEL_CARD.md").read_text()
     assert f"{full['threshold']:.4f}" in text and "LFW only" in text and "Known limits" in text
 

@@ -11,6 +11,7 @@ against the cameraman, so she is named.
 Skipped unless the browser and its driver are installed:
   apt-get install -y chromium chromium-driver && pip install -r requirements-e2e.txt
 """
+import dataclasses
 import io
 import json
 import os
@@ -65,7 +66,7 @@ def write_checkpoint(logs):
     run = logs / "compact-arcface-e2e"
     run.mkdir(parents=True)
     torch.save({"model": model.build_model(cfg).eval().state_dict(),
-                "model_config": {k: cfg[k] for k in model.MODEL_KEYS}, "config": cfg,
+                "model_config": dataclasses.asdict(model.ModelConfig.from_dict(cfg)), "config": cfg,
                 "epoch": 1, "step": 1, "metrics": row, "threshold": THRESHOLD,
                 "crop": faces.crop_settings()}, run / "best_accuracy.pt")
     # Curves whose two losses differ in scale and an honest evaluation older than a
