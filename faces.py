@@ -148,6 +148,12 @@ def detect(detector, images):
             for b, p, pt in zip(boxes, probs, points)]
 
 
+def clip_boxes(boxes, height, width):
+    """(n, 4) x1, y1, x2, y2 boxes cut to the photo's edges."""
+    return np.column_stack([boxes[:, 0].clip(0, width), boxes[:, 1].clip(0, height),
+                            boxes[:, 2].clip(0, width), boxes[:, 3].clip(0, height)])
+
+
 def pick_face(boxes, probs, height, width, rule="center"):
     """Index of the face to keep (see RULES). Boxes are clipped to the photo first: MTCNN
     boxes a bystander cut by the edge far beyond it, and his unclipped box can outsize the
@@ -155,8 +161,7 @@ def pick_face(boxes, probs, height, width, rule="center"):
     the share of its box inside the photo (a half face warps into a smear), the detector's
     confidence, and a weight falling from 1 at the centre to 0.5 in a corner."""
     boxes = np.asarray(boxes, dtype=np.float64)
-    clipped = np.column_stack([boxes[:, 0].clip(0, width), boxes[:, 1].clip(0, height),
-                               boxes[:, 2].clip(0, width), boxes[:, 3].clip(0, height)])
+    clipped = clip_boxes(boxes, height, width)
     centres = (clipped[:, :2] + clipped[:, 2:]) / 2
     off_centre = np.hypot(centres[:, 0] - width / 2, centres[:, 1] - height / 2) \
         / np.hypot(width / 2, height / 2)  # 0 at the centre, 1 in a corner
@@ -257,17 +262,24 @@ def jpeg_round_trip(crop, quality):
     return decode_jpeg(encode_jpeg(crop, quality=quality))
 
 
+def faces_for_model(detector, images, settings, rule=UPLOAD_RULE):
+    """The one photo -> face path for new photos (verify.py, the app, identify.py's gallery):
+    the face the checkpoint's crop settings make, with the JPEG round trip its training crops
+    went through, for same-sized photos in one MTCNN pass. The only rule that differs from
+    the crops is which face is kept: `rule` (default UPLOAD_RULE: an upload's subject need not
+    be centred), named in each info's `rule_text` so that callers can say it. Returns
+    [(crop, info)], crop None where no face was found."""
+    crops, infos = crop_faces(detector, images, settings, rule)
+    return [(jpeg_round_trip(crop, settings["jpeg_quality"]) if info["found"] else None,
+             {**info, "rule": rule, "rule_text": RULES[rule]}) for crop, info in zip(crops, infos)]
+
+
 def face_for_model(detector, image, settings, rule=UPLOAD_RULE):
-    """The one photo -> face path for a new photo (verify.py, the app, anything that embeds
-    one): the face the checkpoint's crop settings make, with the JPEG round trip its training
-    crops went through. The only rule that differs from the crops is which face is kept:
-    `rule` (default UPLOAD_RULE: an upload's subject need not be centred), named in the info's
-    `rule_text` so that callers can say it. Returns (crop, info), or FaceError if no face."""
-    crops, infos = crop_faces(detector, [image], settings, rule)
-    if not infos[0]["found"]:
+    """faces_for_model for one photo: (crop, info), or FaceError if it has no face."""
+    crop, info = faces_for_model(detector, [image], settings, rule)[0]
+    if crop is None:
         raise FaceError("no face found")
-    return jpeg_round_trip(crops[0], settings["jpeg_quality"]), {**infos[0], "rule": rule,
-                                                                 "rule_text": RULES[rule]}
+    return crop, info
 
 
 def every_face_for_model(detector, image, settings):
@@ -277,9 +289,7 @@ def every_face_for_model(detector, image, settings):
     if det is None:
         return []
     boxes, probs, points = det
-    h, w = image.shape[1:]
-    clipped = np.column_stack([boxes[:, 0].clip(0, w), boxes[:, 1].clip(0, h),
-                               boxes[:, 2].clip(0, w), boxes[:, 3].clip(0, h)])
+    clipped = clip_boxes(boxes, *image.shape[1:])
     order = np.argsort(-(clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]),
                        kind="stable")
     crops = warp([image] * len(order), [face_matrix(boxes[i], points[i], settings) for i in order],

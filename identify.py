@@ -6,10 +6,11 @@
 GALLERY is a folder of <person>/<photo>.jpg (jpeg, png) files: one folder per person, named
 after them, with one or more photos each. Each gallery photo gives one face, its most
 prominent, built with the checkpoint's crop settings as verify.py builds an upload's
-(faces.face_for_model); a photo without a face is skipped with a warning. Every face of each
-QUERY photo is answered, with its box: the --top people of the gallery by score, and
-"unknown" when the best score is below the threshold (default: the checkpoint's validation
-threshold, so that "known" means what "same person" means in verify.py).
+(faces.faces_for_model; same-sized photos are detected in batches); a photo without a face
+is skipped with a warning. Every face of each QUERY photo is answered, with its box: the
+--top people of the gallery by score, and "unknown" when the best score is below the
+threshold (default: the checkpoint's validation threshold, so that "known" means what "same
+person" means in verify.py).
 
 A person with several photos is matched by the best of them (the highest score over that
 person's photos): see person_scores.
@@ -45,6 +46,7 @@ from runtime import autocast, error_line, pick_device, set_threads, write_atomic
 CACHE_VERSION = 1
 CACHE_PREFIX = ".identify-cache-"
 BATCH = 64              # gallery faces embedded per call
+DETECT_BATCH = 16       # same-sized gallery photos per MTCNN call
 SAVE_EVERY_S = 60.0     # a long first embedding saves its progress this often; a kill loses less
 
 
@@ -211,12 +213,26 @@ def save_cache(path, ckpt_sha, known, failed, live):
 
 
 def embed_new(todo, tools, known, failed, save, progress=None):
-    """Detect and embed the gallery photos not in the cache, [(path, sha256)], in batches,
-    into known (embeddings) and failed (no face, unreadable); save() now and then, and
-    progress(done, total) after each batch if given (the demo's progress bar)."""
-    pending, last_save, done = [], time.perf_counter(), 0
+    """Detect and embed the gallery photos not in the cache, [(path, sha256)], into known
+    (embeddings) and failed (no face, unreadable): same-sized photos go through MTCNN
+    DETECT_BATCH at a time, faces through the net BATCH at a time. save() now and then, and
+    progress(done, total) after each embedding batch if given (the demo's progress bar)."""
+    pending, waiting, last_save, done = [], {}, time.perf_counter(), 0
 
-    def flush():
+    def detect(shape):
+        batch = waiting.pop(shape, [])
+        if batch:
+            found = faces.faces_for_model(tools.detector, [img for _, img in batch],
+                                          tools.settings)
+            for (sha, _), (crop, _) in zip(batch, found):
+                if crop is None:  # recorded without the path: the key is the content
+                    failed[sha] = "no face found"
+                else:
+                    pending.append((sha, crop))
+
+    def embed(everything=False):
+        for shape in list(waiting) if everything else []:
+            detect(shape)
         if pending:
             emb = embed_faces(tools.net, [c for _, c in pending], tools.image_size,
                               tools.device, tools.amp)
@@ -227,18 +243,22 @@ def embed_new(todo, tools, known, failed, save, progress=None):
     for path, sha in tqdm(todo, desc="gallery", unit="photo", disable=None, leave=False):
         done += 1
         try:
-            crop, _ = faces.face_for_model(tools.detector, faces.read_image(path),
-                                           tools.settings)
-            pending.append((sha, crop))
-        except faces.FaceError as e:  # recorded without the path: the key is the content
+            image = faces.read_image(path)
+        except faces.FaceError as e:
             failed[sha] = str(e).removeprefix(f"{path}: ")
+            continue
+        waiting.setdefault(tuple(image.shape), []).append((sha, image))
+        if len(waiting[tuple(image.shape)]) >= DETECT_BATCH:
+            detect(tuple(image.shape))
+        if sum(map(len, waiting.values())) >= DETECT_BATCH:  # photos of many sizes
+            embed(everything=True)
         if len(pending) >= BATCH:
-            flush()
+            embed()
         if time.perf_counter() - last_save > SAVE_EVERY_S:
-            flush()
+            embed(everything=True)
             save()
             last_save = time.perf_counter()
-    flush()
+    embed(everything=True)
 
 
 def gallery_state(folder, files, tools):

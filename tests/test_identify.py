@@ -80,20 +80,21 @@ def run(capsys, *argv):
 
 
 def counting(monkeypatch):
-    """Count the gallery faces embedded and the photos detected one by one (gallery only:
-    queries go through every_face_for_model)."""
-    seen = {"embedded": 0, "detected": 0}
-    embed, detect = identify.embed_faces, faces.face_for_model
+    """Count the gallery faces embedded, the photos detected, and the MTCNN calls that
+    detected them (gallery only: queries go through every_face_for_model)."""
+    seen = {"embedded": 0, "detected": 0, "calls": 0}
+    embed, detect = identify.embed_faces, faces.faces_for_model
 
     def embed_faces(net, crops, *a, **k):
         seen["embedded"] += len(crops)
         return embed(net, crops, *a, **k)
 
-    def face_for_model(*a, **k):
-        seen["detected"] += 1
-        return detect(*a, **k)
+    def faces_for_model(detector, images, *a, **k):
+        seen["detected"] += len(images)
+        seen["calls"] += 1
+        return detect(detector, images, *a, **k)
     monkeypatch.setattr(identify, "embed_faces", embed_faces)
-    monkeypatch.setattr(faces, "face_for_model", face_for_model)
+    monkeypatch.setattr(faces, "faces_for_model", faces_for_model)
     return seen
 
 
@@ -162,16 +163,19 @@ def test_the_cache_embeds_only_what_changed(setup, tmp_path, capsys, monkeypatch
     # The blank query has no face, so every embedding counted is a gallery photo's.
     args = (gallery, s["blank"], "--checkpoint", s["ckpt"], "--json")
     assert run(capsys, *args)[0] == 0
-    assert seen == {"embedded": 3, "detected": 4}  # the blank photo is detected, not embedded
+    # The blank photo is detected, not embedded; the three 512 px photos share one MTCNN pass
+    # and the 250 px blank one gets its own.
+    assert seen == {"embedded": 3, "detected": 4, "calls": 2}
     [cache] = gallery.glob(".identify-cache-*.pt")
     assert cache.name == f".identify-cache-{identify.sha256_file(s['ckpt'])[:16]}.pt"
     assert run(capsys, *args)[0] == 0
-    assert seen == {"embedded": 3, "detected": 4}  # nothing again, not even the no-face photo
+    assert seen == {"embedded": 3, "detected": 4, "calls": 2}  # nothing again, not even
+    # the no-face photo
     # A changed file is embedded again, and only it; a removed one drops out of the cache.
     shutil.copy(s["query"], gallery / "Camera_Man" / "c.jpg")
     (gallery / "Eileen" / "b.jpg").unlink()
     assert run(capsys, *args)[0] == 0
-    assert seen == {"embedded": 4, "detected": 5}
+    assert seen == {"embedded": 4, "detected": 5, "calls": 3}
     saved = torch.load(cache, weights_only=True)
     assert len(saved["hashes"]) == saved["embeddings"].shape[0] == 2
     assert len(saved["failed"]) == 1
@@ -180,7 +184,7 @@ def test_the_cache_embeds_only_what_changed(setup, tmp_path, capsys, monkeypatch
     code, out, _ = run(capsys, *query)
     top = json.loads(out)[0]["faces"][0]["top"][0]
     assert top["person"] == "Camera_Man" and top["score"] == pytest.approx(0, abs=1e-5)
-    assert seen == {"embedded": 5, "detected": 5}  # the query's face alone
+    assert seen == {"embedded": 5, "detected": 5, "calls": 3}  # the query's face alone
     # A run without the cache gives the same answers (to bf16 rounding, which depends on the
     # batch: the checkpoint embeds in mixed precision).
     cache.unlink()
