@@ -7,9 +7,10 @@ training budget, and how fast each step runs.
 It reads LFW from --data-root (default dataset/, as `make data` / download_data.py leave it:
 images/ and the protocol files); only with --lfw does it first extract the archive and the
 protocol files of that folder into --data-root. It only runs the project's own scripts
-(download_data.py, crop_dataset_to_faces.py, trainer2.py, evaluate.py), each as a subprocess,
-and collects what they write. Every finished step is remembered in OUT/cache/state.json, so a
-crashed benchmark picks up where it stopped; crops are resumable anyway. Writes
+(download_data.py, crop_dataset_to_faces.py, benchmark.py --profile, trainer2.py,
+evaluate.py), each as a subprocess, and collects what they write (experiments.py). Every
+finished step is remembered in OUT/cache/state.json, so a crashed benchmark picks up where it
+stopped; crops are resumable anyway. Writes
 OUT/benchmark.json, OUT/benchmark.md (also copied into the marked sections of README.md and
 RECIPE.md), OUT/accuracy_vs_minutes.png, OUT/roc_view1.png. Every ± is the standard error of
 the mean over the 10 folds, as the LFW results page reports it.
@@ -19,9 +20,7 @@ import csv
 import json
 import platform
 import re
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,19 +29,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from experiments import (HERE, RECIPES, check_dataset, claim_run_dir, cpu_model, eval_cmd,
+                         peak_rss_mb, read_json, run_step, train_cmd, train_speed, write_docs)
 from runtime import git_commit, write_atomic
 
-HERE = Path(__file__).resolve().parent
-# Each recipe: trainer2.py overrides, and evaluate.py flags.
-RECIPES = {
-    # The paper's recipe as the old project meant to run it, its bugs fixed.
-    "seed": {"train": ["--model=koch", "--loss=bce", "--distance=l1", "--optimizer=adam",
-                       "--lr=1e-4", "--weight_decay=0.0", "--image_size=105", "--init=koch",
-                       "--batch_size=64", "--augment_p=0.5"],
-             "eval": []},
-    # trainer2.py's defaults, with flip test-time augmentation.
-    "best": {"train": [], "eval": ["--flip"]},
-}
 SNAPSHOT_SHARES = (1 / 6, 1 / 3, 2 / 3)  # 5, 10 and 20 minutes of a 30-minute budget
 # The training step of `best` by two paths, the same network and maths: the old one (per-image
 # augmentation, eager) against trainer2.py's defaults. Profiled alternately in one run.
@@ -56,7 +46,8 @@ def parse_args(argv):
                         "extract into --data-root first (default: use --data-root as it is)")
     p.add_argument("--protocol", choices=["view1", "view2", "all"], default="all")
     p.add_argument("--minutes", type=float, default=30,
-                   help="training budget per recipe (view2: split over the 10 folds)")
+                   help="View 1 training budget per recipe; each View 2 fold trains for a "
+                        "share of it (seed 10%%, best 20%%: 3 and 6 minutes of 30)")
     p.add_argument("--recipes", default="seed,best", help=f"any of {', '.join(RECIPES)}")
     p.add_argument("--out", default="results")
     p.add_argument("--data-root", default="dataset",
@@ -80,54 +71,6 @@ def parse_args(argv):
 
 # ------------------------------------------------------------------ running steps
 
-def run_step(name, cmd, state, state_path, log_dir):
-    """Run one command unless state says it finished; its output goes to LOG_DIR/<name>.log."""
-    if name in state:
-        return state[name]
-    log = log_dir / f"{name}.log"
-    t0 = time.time()
-    with open(log, "w") as f:
-        done = subprocess.run([sys.executable, *map(str, cmd)], cwd=HERE, stdout=f,
-                              stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"error: step {name} failed (exit {done.returncode}): {tail[0]}; "
-                         f"full log in {log}. Fix it and run the benchmark again: finished "
-                         "steps are kept")
-    # The commit that ran the step: cached steps keep theirs when later code reruns the rest.
-    state[name] = {"seconds": time.time() - t0, "log": str(log), "commit": git_commit(),
-                   "peak_rss_mb": peak_rss_mb()}
-    write_atomic(state_path, json.dumps(state, indent=2))  # a kill never loses the resume state
-    return state[name]
-
-
-def claim_run_dir(run_dir, out):
-    """Empty RUN_DIR for a step this cache has not finished (a crash leaves half a run), but never
-    delete a run that a benchmark with another --out (or a person) made there."""
-    run_dir, mark = Path(run_dir), Path(run_dir) / "benchmark_out.txt"
-    owner = mark.read_text().strip() if mark.exists() else None
-    if (run_dir / "config.json").exists() and owner != str(Path(out).resolve()):
-        raise SystemExit(f"error: {run_dir} holds a training run that this benchmark (--out "
-                         f"{out}) did not start; pass another --logs folder, or move the run away")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    mark.write_text(str(Path(out).resolve()))
-
-
-def train_cmd(args, recipe, run_dir, minutes, extra):
-    shares = ",".join(f"{minutes * s:g}" for s in SNAPSHOT_SHARES)
-    return ["trainer2.py", f"--data_dir={args.crops}", f"--protocol_dir={args.data_root}",
-            # An absolute run_name: trainer2.py puts a bare name under logs/ itself.
-            f"--max_minutes={minutes:g}", "--epochs=100000", f"--run_name={Path(run_dir).resolve()}",
-            f"--snapshot_minutes={shares}", *RECIPES[recipe]["train"], *extra,
-            *args.train_args.split()]
-
-
-def eval_cmd(args, recipe, ckpt, pairs, out, fold=None):
-    return ["evaluate.py", ckpt, "--data", args.crops, "--pairs", pairs, "--out", out,
-            *RECIPES[recipe]["eval"], *([] if fold is None else ["--fold", str(fold)])]
-
-
 IDENTIFY_KEYS = ("rank1", "rank5", "dir@far=0.01", "dir@far=0.1", "n_gallery", "n_mated_probes",
                  "n_nonmated_probes")
 
@@ -141,20 +84,6 @@ def identification(args, recipe, ckpt, out, name, state, state_path, cache, fold
     return {k: r[k] for k in IDENTIFY_KEYS}
 
 
-def peak_rss_mb():
-    """Largest resident memory of any step run so far by this invocation."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
-def read_json(path):
-    return json.loads(Path(path).read_text())
-
-
-def train_speed(run_dir):
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return float(np.mean([float(r["images_per_s"]) for r in csv.DictReader(f)]))
-
-
 # ------------------------------------------------------------------ protocols
 
 def view1(args, recipe, state, state_path, cache, bar):
@@ -164,7 +93,8 @@ def view1(args, recipe, state, state_path, cache, bar):
     name = f"view1-{recipe}-train"
     if name not in state:
         claim_run_dir(run_dir, args.out)
-    run_step(name, train_cmd(args, recipe, run_dir, args.minutes, ["--split=view1"]), state,
+    run_step(name, train_cmd(args, recipe, run_dir, args.minutes, ["--split=view1"],
+                             SNAPSHOT_SHARES), state,
              state_path, cache)
     bar.update()
     if not (run_dir / "best_accuracy.pt").exists():
@@ -209,16 +139,20 @@ def view1(args, recipe, state, state_path, cache, bar):
             "view2_eval_seconds": timing["time_s"]["total"]}
 
 
+def fold_minutes(args, recipe):
+    return args.minutes * RECIPES[recipe]["fold_share"]
+
+
 def view2(args, recipe, state, state_path, cache, bar):
-    """For each people.txt fold: train on the other nine for minutes/10, choose the threshold
-    on the other folds' pairs, test on the fold's 600 pairs."""
+    """For each people.txt fold: train on the other nine for the recipe's share of the
+    budget, choose the threshold on the other folds' pairs, test on the fold's 600 pairs."""
     folds = []
     for k in range(10):
         run_dir = Path(args.logs) / f"bench-view2-{recipe}-fold{k}"
         name = f"view2-{recipe}-fold{k}-train"
         if name not in state:
             claim_run_dir(run_dir, args.out)
-        run_step(name, train_cmd(args, recipe, run_dir, args.minutes / 10,
+        run_step(name, train_cmd(args, recipe, run_dir, fold_minutes(args, recipe),
                                  ["--split=view2", f"--fold={k}"]), state, state_path, cache)
         out = cache / f"view2-{recipe}-fold{k}"
         run_step(f"view2-{recipe}-fold{k}-eval",
@@ -236,7 +170,8 @@ def view2(args, recipe, state, state_path, cache, bar):
         bar.update()
     acc = np.array([f["accuracy"] for f in folds])
     rank1 = np.array([f["identification"]["rank1"] for f in folds])
-    return {"accuracy": float(acc.mean()), "std": float(acc.std(ddof=1)),
+    return {"fold_minutes": fold_minutes(args, recipe),
+            "accuracy": float(acc.mean()), "std": float(acc.std(ddof=1)),
             "stderr": float(acc.std(ddof=1) / np.sqrt(len(acc))), "folds": folds,
             "overlap": sum(f["people_seen_in_training"] for f in folds),
             "rank1": float(rank1.mean()), "rank1_stderr": float(rank1.std(ddof=1) / np.sqrt(10))}
@@ -287,11 +222,15 @@ def view1_table(b):
 
 
 def view2_table(b):
-    lines = ["**View 2**: the official protocol, a model per `people.txt` fold trained for "
-             f"{b['minutes'] / 10:g} minutes on the other nine; {PM}.", "",
-             "| recipe | accuracy | overlap of training and test people |", "| --- | --- | --- |"]
+    lines = ["**View 2**: the official protocol, a model per `people.txt` fold trained on the "
+             f"other nine for the minutes below (`best` gets more than `seed`); {PM}.", "",
+             "| recipe | training minutes per fold | accuracy | lowest fold | overlap of "
+             "training and test people |", "| --- | --- | --- | --- | --- |"]
     for name, r in b["view2"].items():
-        lines.append(f"| {name} | {r['accuracy']:.2%} ± {r['stderr']:.2%} | {r['overlap']} |")
+        minutes = r.get("fold_minutes", b["minutes"] / 10)  # a benchmark.json from before
+        lowest = min(f["accuracy"] for f in r["folds"])
+        lines.append(f"| {name} | {minutes:g} | {r['accuracy']:.2%} ± {r['stderr']:.2%} | "
+                     f"{lowest:.2%} | {r['overlap']} |")
     return lines + [""]
 
 
@@ -331,18 +270,28 @@ def speed_table(b):
                   f"{r['view2_eval_pairs']:,} pairs) | "
                   f"{r['view2_eval_seconds']:.1f} s |"]
     lines.append(f"| peak memory (largest step) | {s['peak_rss_mb']:.0f} MB |")
-    return lines
+    return lines + [""] + profile_lines(b.get("profile"))
 
 
-def write_docs(docs, text):
-    for name in ("README.md", "RECIPE.md"):
-        path = Path(docs) / name
-        if not path.exists():
-            continue
-        doc = path.read_text()
-        new = re.sub(r"(<!-- benchmark:start -->\n).*?(<!-- benchmark:end -->)",
-                     lambda m: m.group(1) + text + m.group(2), doc, flags=re.S)
-        write_atomic(path, new)
+def profile_lines(p):
+    """The old and the new training path of `best`, profiled side by side in this run."""
+    if not p:
+        return []
+    old, new = p["paths"]["old"], p["paths"]["new"]
+    embed = p["embedding"]["images_per_s"]
+    lines = ["**Old path against new**, the same network and maths (`benchmark.py --profile`, "
+             f"median of {p['rounds']} alternated rounds of {new['steps']} steps):", "",
+             "| training step of `best` | old path (per-image augmentation, eager) | new path "
+             "(trainer2.py's defaults) | ratio |", "| --- | --- | --- | --- |",
+             f"| images/s | {old['images_per_s']:.0f} | {new['images_per_s']:.0f} | "
+             f"**{p['train_speed_ratio']:.2f}x** |"]
+    for part in old["ms_per_step"]:
+        lines.append(f"| {part} (ms per step) | {old['ms_per_step'][part]:.1f} | "
+                     f"{new['ms_per_step'][part]:.1f} | |")
+    if "compiled" in embed:
+        lines.append(f"| embedding, images/s (eager against compiled) | {embed['eager']:.0f} | "
+                     f"{embed['compiled']:.0f} | {embed['compiled'] / embed['eager']:.2f}x |")
+    return lines + [""]
 
 
 def plot(results, out):
@@ -372,13 +321,6 @@ def plot(results, out):
     plt.close(fig)
 
 
-def cpu_model():
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 # ------------------------------------------------------------------ main
 
 def check_recipes(args):
@@ -400,19 +342,6 @@ def lfw_archive(folder):
     return archives[0]
 
 
-def check_dataset(root, protocols):
-    """ROOT as download_data.py leaves it: images/ and the protocol files the protocols read
-    (View 1 also times an evaluation on pairs.txt)."""
-    root = Path(root)
-    need = {"view1": ["pairsDevTest.txt", "pairs.txt"], "view2": ["pairs.txt", "people.txt"]}
-    missing = [] if (root / "images").is_dir() else ["images/"]
-    missing += sorted({f for p in protocols for f in need[p] if not (root / f).is_file()})
-    if missing:
-        raise SystemExit(f"error: {root}: no {', '.join(missing)}; make it with `make data` "
-                         "(download_data.py), or pass --lfw with a folder holding an LFW "
-                         "archive and the protocol files")
-
-
 def prepare_data(args, archive, protocols, state, state_path, cache):
     """Extract ARCHIVE (only when --lfw gave one) into --data-root, check it, crop the faces;
     returns the crop speed in images/s."""
@@ -431,6 +360,16 @@ def prepare_data(args, archive, protocols, state, state_path, cache):
     crop_log = run_step("crop-speed", ["crop_dataset_to_faces.py", "--src", images, "--dst",
                                        sample, "--limit", "320"], state, state_path, cache)["log"]
     return float(re.search(r"\(([\d.]+) images/s\)", Path(crop_log).read_text()).group(1))
+
+
+def profile_step(args, state, state_path, cache):
+    """benchmark.py --profile as a step of this run: the old and the new training path side
+    by side, so that the speed table's ratio comes from the same run as the accuracies."""
+    out = cache / "profile"
+    run_step("profile", ["benchmark.py", "--profile", "--out", out, "--data-root", args.data_root,
+                         "--crops", args.crops, f"--train-args={args.train_args}",
+                         "--profile-steps", args.profile_steps], state, state_path, cache)
+    return read_json(out / "profile.json")
 
 
 def run_protocols(args, recipes, protocols, state, state_path, cache):
@@ -531,9 +470,11 @@ def main(argv=None):
     started, commit = time.time(), git_commit()  # the code that produced the numbers
 
     crop_speed = prepare_data(args, archive, protocols, state, state_path, cache)
+    profile = profile_step(args, state, state_path, cache) if "best" in recipes else None
     results = run_protocols(args, recipes, protocols, state, state_path, cache)
     results.update(describe(args, argv, recipes, protocols, state, commit))
     results.update({
+        "profile": profile,
         "speed": {"crop_images_per_s": crop_speed,
                   # cached steps keep the figure of the run that made them
                   "peak_rss_mb": max([peak_rss_mb()] + [s.get("peak_rss_mb", 0)

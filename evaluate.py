@@ -66,8 +66,8 @@ def parse_args(argv):
                         "folds' pairs and the figures are for this fold's pairs alone")
     p.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"), default=None,
                    help="two evaluation folders of the same pairs file (their scores.csv): the "
-                        "accuracy of NEW minus BASE with a paired bootstrap 95%% interval; "
-                        "nothing is embedded")
+                        "accuracy of NEW minus BASE with a paired bootstrap 95%% interval, "
+                        "and with --out both ROCs in OUT/roc_compare.png; nothing is embedded")
     p.add_argument("--identify", action="store_true",
                    help="1:N identification instead of pairs, on every image of the pairs "
                         "file's people (with --fold, that fold's): rank-1/5 and the CMC "
@@ -152,9 +152,11 @@ def sha256(path):
 
 # ------------------------------------------------------------------ figures
 
-def plot_roc(scores, labels, name, path):
+def plot_roc(curves, path):
+    """curves: [(scores, labels, name)], one ROC each on one axis."""
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    RocCurveDisplay.from_predictions(labels, scores, ax=ax, name=name)
+    for scores, labels, name in curves:
+        RocCurveDisplay.from_predictions(labels, scores, ax=ax, name=name)
     # FAR on a log axis: the low-FAR end is what verification cares about. sklearn makes the
     # axes square, which a log axis squashes.
     ax.set_xscale("log")
@@ -297,7 +299,7 @@ def write_outputs(out, got, scored, report, cfg):
     scores, labels = scored["scores"], got.labels
     write_scores(got.pairs, labels, scores, out / "scores.csv")
     threshold = report["at_threshold"]["threshold"]
-    plot_roc(scores, labels, f"{cfg['model']}/{cfg.get('loss')}", out / "roc.png")
+    plot_roc([(scores, labels, f"{cfg['model']}/{cfg.get('loss')}")], out / "roc.png")
     plot_scores(scores, labels, threshold, out / "scores.png")
     plot_errors(got.pairs, scores, labels, threshold, scored["images"], scored["a"], scored["b"],
                 out / "errors.png")
@@ -488,32 +490,23 @@ def evaluate_identification(args):
     return 0
 
 
-def read_scores(folder):
-    """(pair keys, labels, folds, scores) of an evaluation folder's scores.csv."""
-    path = Path(folder) / "scores.csv"
-    if not path.is_file():
-        raise EvalError(f"{path}: missing; pass a folder that evaluate.py wrote")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    keys = [(r["name_a"], r["number_a"], r["name_b"], r["number_b"]) for r in rows]
-    return (keys, np.array([int(r["same"]) for r in rows]), np.array([int(r["fold"]) for r in rows]),
-            np.array([float(r["score"]) for r in rows]))
-
-
-def compare(base, new):
-    """evaluate.py --compare: NEW's accuracy minus BASE's on the same pairs, paired bootstrap."""
-    (keys_a, labels, folds, a), (keys_b, _, _, b) = read_scores(base), read_scores(new)
-    if keys_a != keys_b:
-        raise EvalError(f"{base} and {new} scored different pairs; compare evaluations of the "
-                        "same pairs file")
-    if len(np.unique(folds)) < 2:
-        folds = metrics.balanced_folds(labels)
-    r = metrics.paired_bootstrap(a, b, labels, folds)
+def compare(base, new, out=None):
+    """evaluate.py --compare: NEW's accuracy minus BASE's on the same pairs, paired bootstrap;
+    with OUT, also both ROCs in OUT/roc_compare.png."""
+    r = metrics.compare_scores(base, new)
     verdict = "no evidence of a difference" if r["low"] <= 0 <= r["high"] else \
         ("better" if r["difference"] > 0 else "worse")
     print(f"{new} against {base}: {r['difference']:+.2%} accuracy, 95% interval "
           f"[{r['low']:+.2%}, {r['high']:+.2%}] (paired bootstrap over {r['n_pairs']} pairs, "
           f"{r['n_boot']} resamples): {verdict}")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        curves = []
+        for folder in (base, new):
+            _, labels, _, scores = metrics.read_scores(folder)
+            curves.append((scores, labels, Path(folder).parent.name or str(folder)))
+        plot_roc(curves, Path(out) / "roc_compare.png")
+        print(f"wrote {Path(out) / 'roc_compare.png'}")
     return 0
 
 
@@ -521,9 +514,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.compare:
-            return compare(*args.compare)
+            return compare(*args.compare, out=args.out)
         return evaluate(args)
-    except (EvalError, ds.ProtocolError, m.CheckpointError) as e:
+    except (EvalError, ds.ProtocolError, m.CheckpointError, metrics.ScoresError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

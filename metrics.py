@@ -6,6 +6,9 @@ Conventions used by every function:
 - The decision rule is ``score >= threshold`` => same.
 All returned values are plain Python floats/ints/lists so reports can be dumped to JSON.
 """
+import csv
+from pathlib import Path
+
 import numpy as np
 from sklearn.metrics import (accuracy_score, precision_recall_fscore_support, roc_auc_score,
                              roc_curve)
@@ -166,6 +169,34 @@ def paired_bootstrap(scores_a, scores_b, labels, folds, n_boot=10000, seed=0):
     low, high = np.quantile(diffs, [0.025, 0.975])
     return {"difference": float(b.mean() - a.mean()), "low": float(low), "high": float(high),
             "n_pairs": int(len(a)), "n_boot": int(n_boot)}
+
+
+class ScoresError(ValueError):
+    """A scores.csv that cannot be read or compared; the message names the file and the fix."""
+
+
+def read_scores(folder):
+    """(pair keys, labels, folds, scores) of the scores.csv that evaluate.py wrote in FOLDER."""
+    path = Path(folder) / "scores.csv"
+    if not path.is_file():
+        raise ScoresError(f"{path}: missing; pass a folder that evaluate.py wrote")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = [(r["name_a"], r["number_a"], r["name_b"], r["number_b"]) for r in rows]
+    return (keys, np.array([int(r["same"]) for r in rows]), np.array([int(r["fold"]) for r in rows]),
+            np.array([float(r["score"]) for r in rows]))
+
+
+def compare_scores(base, new, **bootstrap):
+    """paired_bootstrap of two evaluation folders of the same pairs: NEW's accuracy minus
+    BASE's. A single-fold pairs file (DevTest) gets balanced folds for the thresholds."""
+    (keys_a, labels, folds, a), (keys_b, _, _, b) = read_scores(base), read_scores(new)
+    if keys_a != keys_b:
+        raise ScoresError(f"{base} and {new} scored different pairs; compare evaluations of the "
+                          "same pairs file")
+    if len(np.unique(folds)) < 2:
+        folds = balanced_folds(labels)
+    return paired_bootstrap(a, b, labels, folds, **bootstrap)
 
 
 def summary(scores, labels, folds=None, threshold=None):

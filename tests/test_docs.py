@@ -34,3 +34,22 @@ def test_readme_quick_start_and_ci_use_the_make_targets():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     targets = set(re.findall(r"^([a-z0-9]+):", (ROOT / "Makefile").read_text(), re.M))
     assert {"setup", "data", "crop", "train", "test", "evaluate", "app"} <= targets
+
+
+def anchors(markdown):
+    """GitHub's anchors of a document's headings."""
+    out = set()
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            text = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
+    return out
+
+
+def test_every_link_into_recipe_names_a_heading_and_the_ablation_table_has_its_place():
+    readme, recipe = (ROOT / "README.md").read_text(), (ROOT / "RECIPE.md").read_text()
+    links = re.findall(r"\(RECIPE\.md#([\w\-]+)\)", readme)
+    assert "the-old-projects-findings-rerun-ablationspy" in links
+    assert set(links) <= anchors(recipe), set(links) - anchors(recipe)
+    assert recipe.count("<!-- ablations:start -->") == recipe.count("<!-- ablations:end -->") == 1
+    assert "python ablations.py" in readme and "ablations:" in (ROOT / "Makefile").read_text()

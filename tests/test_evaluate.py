@@ -385,6 +385,10 @@ def test_compare_reports_the_paired_difference_and_refuses_other_pairs(tmp_path,
     assert evaluate.main(["--compare", str(tmp_path / "base"), str(tmp_path / "new")]) == 0
     out = capsys.readouterr().out
     assert "+10.00% accuracy, 95% interval [+" in out and ": better" in out
+    assert not (tmp_path / "plots").exists()  # a plot only when asked for
+    assert evaluate.main(["--compare", str(tmp_path / "base"), str(tmp_path / "new"),
+                          "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "roc_compare.png").stat().st_size > 1000
     scores_csv(tmp_path / "other", new, [n + "x" for n in names])
     assert evaluate.main(["--compare", str(tmp_path / "base"), str(tmp_path / "other")]) == 1
     assert "scored different pairs" in capsys.readouterr().err

@@ -1,0 +1,325 @@
+"""The old project's "things I tried", rerun honestly: one row per claim, a verdict each.
+
+    python ablations.py [--minutes 8] [--rows 1,7,11a] [--out results/ablations]
+        [--data-root dataset] [--crops cropped_dataset] [--logs logs] [--tables-only]
+
+Every run trains on the View 1 DevTrain people for the same budget (row 1 compares budgets),
+keeps the checkpoint that was best on the validation pairs of held-out training people, and
+is tested once on the 1,000 pairs of pairsDevTest.txt, whose people it never saw. Each row
+compares two runs on those pairs: the accuracy difference with a paired bootstrap 95% interval
+(the one `evaluate.py --compare` prints) and a verdict the interval decides:
+- "holds" or "does not hold" when the interval lies on one side of 0;
+- "inconclusive" when it straddles 0, which is never rounded to a win.
+Each run is also scored on 1,000 pairs of its own training people, so that over- and
+under-fitting show. It uses benchmark.py's steps (trainer2.py and evaluate.py as
+subprocesses) and resumes where it stopped. The ResNeXt rows need ImageNet weights in the
+torch cache; without them they are listed as not run. Writes OUT/ablations.json,
+OUT/ablations.md (also into RECIPE.md between the ablations markers) and OUT/ablations.png.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+import dataset as ds
+import metrics
+from experiments import (HERE, RECIPES, check_dataset, claim_run_dir, cpu_model, eval_cmd,
+                         metrics_rows, read_json, run_step, train_cmd, train_speed,
+                         write_docs)
+from model import imagenet_weights_file
+from runtime import git_commit, write_atomic
+
+MINUTES = 8  # per run: 15 runs fit one ~3-hour sitting on 2 CPU cores
+
+# Every run: (recipe of benchmark.py, trainer2.py overrides, budget in multiples of --minutes).
+# {photos} is the uncropped LFW photos (DATA_ROOT/images).
+RUNS = {
+    "seed": ("seed", [], 1),
+    "seed-long": ("seed", [], 3),
+    "seed-wd1e-3": ("seed", ["--weight_decay=1e-3"], 1),
+    "seed-dropout": ("seed", ["--p=0.5"], 1),
+    "seed-lr1e-3": ("seed", ["--lr=1e-3"], 1),
+    "seed-lr1e-5": ("seed", ["--lr=1e-5"], 1),
+    "seed-small": ("seed", ["--width=32"], 1),   # Koch's net is 64-128-128-256, 4096 units
+    "seed-big": ("seed", ["--width=96"], 1),
+    "seed-photos": ("seed", ["--data_dir={photos}"], 1),
+    "seed-residual": ("seed", ["--model=compact", "--image_size=112", "--init=kaiming"], 1),
+    "seed-augment": ("seed", ["--augment_p=1.0", "--erase_p=0.5"], 1),
+    "best": ("best", [], 1),
+    "best-l1": ("best", ["--distance=l1"], 1),
+    "best-bce": ("best", ["--loss=bce", "--distance=l1"], 1),
+    "best-contrastive": ("best", ["--loss=contrastive"], 1),
+    "best-triplet": ("best", ["--loss=triplet", "--margin=0.2"], 1),
+    "resnext": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01"], 1),
+    "resnext-head256": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01",
+                                 "--head_hidden=256"], 1),
+    "resnext-relu": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01",
+                              "--activation=relu"], 1),
+    "resnext-no-layer4": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01",
+                                   "--drop_layer4=True"], 1),
+    "resnext-dropout": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01",
+                                 "--p=0.8"], 1),
+}
+
+# Every row: (id, the old claim in substance, base run, variant run, what the claim expects of
+# the variant's accuracy minus the base's: "better", "not better", "no effect", or None for a
+# comparison that no claim made).
+ROWS = [
+    ("1", "More training (50 -> 500 epochs) does not help", "seed", "seed-long", "not better"),
+    ("2", "Weight decay above 1e-4 does not converge", "seed", "seed-wd1e-3", "not better"),
+    ("3", "Dropout only slows training and does not cure overfitting", "seed", "seed-dropout",
+     "not better"),
+    ("4a", "1e-4 is the sweet spot: a learning rate of 1e-3 is too much", "seed",
+     "seed-lr1e-3", "not better"),
+    ("4b", "1e-4 is the sweet spot: a learning rate of 1e-5 is too slow", "seed", "seed-lr1e-5",
+     "not better"),
+    ("5", "A smaller model stops overfitting but gets only about 70%", "seed", "seed-small",
+     "not better"),
+    ("6", "A bigger model trains better but still tests at about 80%", "seed", "seed-big",
+     "not better"),
+    ("7", "Cropped faces beat whole photos", "seed-photos", "seed", "better"),
+    ("8", "A network with residual connections helps", "seed", "seed-residual", "better"),
+    ("9", "More aggressive data augmentation helps", "seed", "seed-augment", "better"),
+    ("10", "L1 distance is not useful in high dimensions: cosine beats it", "best-l1", "best",
+     "better"),
+    ("11a", "BCE is weaker than ArcFace", "best-bce", "best", "better"),
+    ("11b", "BCE is weaker than triplet loss", "best-bce", "best-triplet", "better"),
+    ("11c", "(no claim) contrastive loss against BCE, for the full comparison", "best-bce",
+     "best-contrastive", None),
+    ("12", "ResNeXt-50: the classifier head's size has no effect", "resnext", "resnext-head256",
+     "no effect"),
+    ("13", "ResNeXt-50: a sigmoid head beats a ReLU one", "resnext-relu", "resnext", "better"),
+    ("14", "ResNeXt-50: removing layer 4 costs training accuracy, not test accuracy", "resnext",
+     "resnext-no-layer4", "no effect"),
+    ("15", "ResNeXt-50: 80% dropout raises test accuracy (82% -> 86%)", "resnext",
+     "resnext-dropout", "better"),
+]
+TRAIN_PAIRS = 1000  # pairs of each run's own training people: its training accuracy
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=MINUTES, help="training budget per run")
+    p.add_argument("--rows", default="", help="comma-separated row ids (default: every row)")
+    p.add_argument("--out", default="results/ablations")
+    p.add_argument("--data-root", default="dataset",
+                   help="LFW as download_data.py leaves it: images/ and the protocol files")
+    p.add_argument("--crops", default="cropped_dataset", help="crop_dataset_to_faces.py's faces")
+    p.add_argument("--logs", default="logs", help="where the training runs go")
+    p.add_argument("--docs", default=str(HERE),
+                   help="folder whose RECIPE.md gets the table ('' for none)")
+    p.add_argument("--train-args", default="", help="extra trainer2.py overrides for every run")
+    p.add_argument("--imagenet", action="store_true",
+                   help="run the ResNeXt rows even when the ImageNet weights are not in the "
+                        "torch cache (trainer2.py then downloads them)")
+    p.add_argument("--tables-only", action="store_true",
+                   help="run nothing: rewrite the table and the plot from OUT/ablations.json")
+    return p.parse_args(argv)
+
+
+def verdict(expect, low, high):
+    """What the 95% interval of variant minus base says about the claim."""
+    if expect is None:
+        return "no claim"
+    if low <= 0 <= high:
+        return "inconclusive"
+    if expect == "no effect":
+        return "does not hold"
+    return "holds" if (low > 0) == (expect == "better") else "does not hold"
+
+
+def selected_rows(args):
+    rows = [r for r in ROWS if not args.rows or r[0] in args.rows.split(",")]
+    unknown = set(filter(None, args.rows.split(","))) - {r[0] for r in ROWS}
+    if unknown:
+        raise SystemExit(f"error: no row {', '.join(sorted(unknown))}; the rows are "
+                         f"{', '.join(r[0] for r in ROWS)}")
+    return rows
+
+
+def needs_imagenet(run):
+    return "--pretrained=True" in RUNS[run][1]
+
+
+def train_pairs_file(run_dir, data_dir, path):
+    """TRAIN_PAIRS pairs of the people this run trained on (its config's split, validation
+    people left out), in pairsDevTest.txt's format, so that evaluate.py scores them."""
+    cfg = read_json(run_dir / "config.json")["config"]
+    split = ds.make_split(data_dir, cfg["protocol_dir"], "view1", cfg["seed"],
+                          cfg["val_fraction"], cfg["val_pairs"], slice_of_data=cfg["slice_of_data"])
+    pairs = ds.sample_pairs(split["train"], TRAIN_PAIRS, seed=cfg["seed"] + 5)
+
+    def key(p):
+        name, number = Path(p).stem.rsplit("_", 1)
+        return name, int(number)
+    same = ["\t".join(map(str, (*key(a), key(b)[1]))) for a, b, y in pairs if y]
+    diff = ["\t".join(map(str, (*key(a), *key(b)))) for a, b, y in pairs if not y]
+    write_atomic(path, "\n".join([str(len(same)), *same, *diff]) + "\n")
+    return path
+
+
+def run_one(args, name, state, state_path, cache):
+    """Train RUN, then score its selected checkpoint on DevTest and on its training people."""
+    recipe, overrides, budget = RUNS[name]
+    photos = Path(args.data_root) / "images"
+    overrides = [o.replace("{photos}", str(photos)) for o in overrides]
+    data = photos if any(o.startswith("--data_dir=") for o in overrides) else Path(args.crops)
+    run_dir = Path(args.logs) / f"ablation-{name}"
+    step = f"{name}-train"
+    if step not in state:
+        claim_run_dir(run_dir, args.out)
+    cmd = train_cmd(args, recipe, run_dir, args.minutes * budget, ["--split=view1"])
+    # The overrides come last, so that --data_dir={photos} wins over train_cmd's crops.
+    run_step(step, cmd + overrides, state, state_path, cache)
+    ckpt = run_dir / "best_accuracy.pt"
+    test, train = cache / f"{name}-devtest", cache / f"{name}-train-pairs"
+    run_step(f"{name}-eval", eval_cmd(args, recipe, ckpt, Path(args.data_root) / "pairsDevTest.txt",
+                                      test, data=data), state, state_path, cache)
+    pairs = train_pairs_file(run_dir, data, cache / f"{name}-train-pairs.txt")
+    run_step(f"{name}-eval-train", eval_cmd(args, recipe, ckpt, pairs, train, data=data), state,
+             state_path, cache)
+    r, t = read_json(test / "results.json"), read_json(train / "results.json")
+    rows = metrics_rows(run_dir)
+    return {"recipe": recipe, "overrides": overrides, "minutes": args.minutes * budget,
+            "accuracy": r["kfold"]["mean"], "stderr": r["kfold"]["stderr"], "auc": r["auc"],
+            "contaminated": r["contaminated"], "train_accuracy": t["kfold"]["mean"],
+            # best_accuracy.pt is the evaluation with the highest validation accuracy
+            "val_accuracy": max(float(x["accuracy"]) for x in rows),
+            "last_val_accuracy": float(rows[-1]["accuracy"]), "epochs": int(rows[-1]["epoch"]),
+            "images_per_s": train_speed(run_dir), "scores": str(test)}
+
+
+def compare_row(row, runs):
+    """The row's verdict from its two runs' DevTest scores (variant minus base)."""
+    rid, claim, base, variant, expect = row
+    out = {"id": rid, "claim": claim, "base": base, "variant": variant, "expect": expect}
+    if base not in runs or variant not in runs:
+        return {**out, "verdict": "not run: needs ImageNet weights"}
+    d = metrics.compare_scores(runs[base]["scores"], runs[variant]["scores"])
+    return {**out, "difference": d["difference"], "low": d["low"], "high": d["high"],
+            "n_pairs": d["n_pairs"], "verdict": verdict(expect, d["low"], d["high"])}
+
+
+def run_rows(args, rows, state, state_path, cache):
+    """Every run the rows need, once each (base runs are shared), then the comparisons."""
+    wanted = list(dict.fromkeys(name for r in rows for name in r[2:4]))
+    skip = not args.imagenet and not imagenet_weights_file().is_file()
+    todo = [n for n in wanted if not (skip and needs_imagenet(n))]
+    runs = {}
+    with tqdm(total=len(todo), desc="ablation runs", unit="run") as bar:
+        for name in todo:
+            runs[name] = run_one(args, name, state, state_path, cache)
+            bar.update()
+    return runs, [compare_row(r, runs) for r in rows]
+
+
+def change(row, runs_spec=RUNS):
+    """What the variant changes, in trainer2.py overrides relative to the base run."""
+    base, variant = runs_spec[row["base"]], runs_spec[row["variant"]]
+    if base[0] != variant[0]:
+        return f"{variant[0]} recipe"
+    if base[2] != variant[2]:
+        return f"{variant[2]}x the budget"
+    added = [o for o in variant[1] if o not in base[1]]
+    removed = [o for o in base[1] if o not in variant[1]]
+    return ", ".join([f"`{o}`" for o in added] + [f"without `{o}`" for o in removed]) or "none"
+
+
+def pct(value):
+    return "-" if value is None else f"{value:.1%}"
+
+
+def table(result):
+    """The markdown table: no hand-typed numbers."""
+    runs = result["runs"]
+    lines = [f"Made by `{result['command']}` at commit `{result['git_commit'][:10]}` on "
+             f"{result['machine']}: {result['minutes']:g} minutes of training per run on the "
+             "View 1 DevTrain people (row 1: longer), the checkpoint chosen on validation "
+             "pairs of held-out training people, tested on the 1,000 DevTest pairs. "
+             "*difference*: the variant's DevTest accuracy minus the base's, with its paired "
+             "bootstrap 95% interval; an interval that straddles 0 is inconclusive. "
+             "*train / val*: accuracy on 1,000 pairs of the run's own training people and on "
+             "the validation pairs, base → variant.", "",
+             "| row | claim | variant (against base) | DevTest accuracy, base → variant | "
+             "AUC | train / val | difference [95% interval] | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in result["rows"]:
+        b, v = runs.get(row["base"]), runs.get(row["variant"])
+        what = f"{change(row)} (`{row['variant']}` against `{row['base']}`)"
+        if b is None or v is None:
+            lines.append(f"| {row['id']} | {row['claim']} | {what} | not run | | | | "
+                         f"**{row['verdict']}** |")
+            continue
+        lines.append(
+            f"| {row['id']} | {row['claim']} | {what} | {pct(b['accuracy'])} → "
+            f"{pct(v['accuracy'])} | {b['auc']:.3f} → {v['auc']:.3f} | "
+            f"{pct(b['train_accuracy'])} / {pct(b['val_accuracy'])} → "
+            f"{pct(v['train_accuracy'])} / {pct(v['val_accuracy'])} | "
+            f"{row['difference']:+.1%} [{row['low']:+.1%}, {row['high']:+.1%}] | "
+            f"**{row['verdict']}** |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+    """The differences and their intervals, one line per row that ran."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if "difference" in r][::-1]
+    colour = {"holds": "tab:green", "does not hold": "tab:red"}
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
+    for y, r in enumerate(rows):
+        err = [[100 * (r["difference"] - r["low"])], [100 * (r["high"] - r["difference"])]]
+        ax.errorbar(100 * r["difference"], y, xerr=err, capsize=3, fmt="o",
+                    color=colour.get(r["verdict"], "tab:grey"))
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{r['id']}: {r['variant']} vs {r['base']}" for r in rows])
+    ax.set_xlabel("DevTest accuracy difference, points (95% paired bootstrap interval)")
+    ax.set_title("green: the claim holds, red: it does not, grey: inconclusive")
+    ax.grid(axis="x", alpha=0.3), fig.tight_layout(), fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(result, out, docs):
+    text = table(result)
+    write_atomic(out / "ablations.md", text)
+    if docs:
+        write_docs(docs, text, marker="ablations")
+    plot(result, out / "ablations.png")
+    return text
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.tables_only:
+        if not (out / "ablations.json").is_file():
+            raise SystemExit(f"error: {out}: no ablations.json to make the table from; run "
+                             "python ablations.py first")
+        print(write_outputs(read_json(out / "ablations.json"), out, args.docs))
+        return 0
+    rows = selected_rows(args)
+    check_dataset(args.data_root, ["ablations"])
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    state_path = cache / "state.json"
+    state = read_json(state_path) if state_path.exists() else {}
+    started = time.time()
+    runs, compared = run_rows(args, rows, state, state_path, cache)
+    command = "python ablations.py " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
+    result = {"command": command.strip(), "git_commit": git_commit(), "minutes": args.minutes,
+              "machine": cpu_model(), "rows": compared, "runs": runs,
+              "step_commits": sorted({s["commit"] for s in state.values()}),
+              "recipes": {name: RECIPES[name]["train"] for name in RECIPES},
+              "wall_seconds_this_invocation": time.time() - started}
+    write_atomic(out / "ablations.json", json.dumps(result, indent=2))
+    print(write_outputs(result, out, args.docs))
+    print(f"wrote {out}/ablations.json, ablations.md and ablations.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
