@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import dataset as ds
 import metrics
-from experiments import (HERE, RECIPES, check_dataset, claim_run_dir, cpu_model, eval_cmd,
+from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_dir, cpu_model, eval_cmd,
                          metrics_rows, read_json, run_step, train_cmd, train_speed,
                          write_docs)
 from model import imagenet_weights_file
@@ -105,13 +105,7 @@ def parse_args(argv):
     p.add_argument("--minutes", type=float, default=MINUTES, help="training budget per run")
     p.add_argument("--rows", default="", help="comma-separated row ids (default: every row)")
     p.add_argument("--out", default="results/ablations")
-    p.add_argument("--data-root", default="dataset",
-                   help="LFW as download_data.py leaves it: images/ and the protocol files")
-    p.add_argument("--crops", default="cropped_dataset", help="crop_dataset_to_faces.py's faces")
-    p.add_argument("--logs", default="logs", help="where the training runs go")
-    p.add_argument("--docs", default=str(HERE),
-                   help="folder whose RECIPE.md gets the table ('' for none)")
-    p.add_argument("--train-args", default="", help="extra trainer2.py overrides for every run")
+    add_step_arguments(p, "RECIPE.md")
     p.add_argument("--imagenet", action="store_true",
                    help="run the ResNeXt rows even when the ImageNet weights are not in the "
                         "torch cache (trainer2.py then downloads them)")

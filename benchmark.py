@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiments import (HERE, RECIPES, check_dataset, claim_run_dir, cpu_model, eval_cmd,
+from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_dir, cpu_model, eval_cmd,
                          peak_rss_mb, read_json, run_step, train_cmd, train_speed, write_docs)
 from runtime import git_commit, write_atomic
 
@@ -50,14 +50,7 @@ def parse_args(argv):
                         "share of it (seed 10%%, best 20%%: 3 and 6 minutes of 30)")
     p.add_argument("--recipes", default="seed,best", help=f"any of {', '.join(RECIPES)}")
     p.add_argument("--out", default="results")
-    p.add_argument("--data-root", default="dataset",
-                   help="LFW as download_data.py leaves it: images/ and the protocol files")
-    p.add_argument("--crops", default="cropped_dataset", help="crop cache")
-    p.add_argument("--logs", default="logs", help="where the training runs go")
-    p.add_argument("--docs", default=str(HERE),
-                   help="folder whose README.md and RECIPE.md get the table ('' for none)")
-    p.add_argument("--train-args", default="",
-                   help="extra trainer2.py overrides for every run (for quick trials)")
+    add_step_arguments(p, "README.md and RECIPE.md")
     p.add_argument("--profile", action="store_true",
                    help="time the parts of a `best` training step (DataLoader, augmentation, "
                         "forward, backward, optimizer, validation) on the old and the new path, "

@@ -31,6 +31,20 @@ RECIPES = {
 }
 
 
+def add_step_arguments(p, what):
+    """The options train_cmd and eval_cmd read, on the argparse parser P of a command that
+    runs steps; WHAT says which document gets its table."""
+    p.add_argument("--data-root", default="dataset",
+                   help="LFW as download_data.py leaves it: images/ and the protocol files")
+    p.add_argument("--crops", default="cropped_dataset",
+                   help="the face crops (crop_dataset_to_faces.py's output folder)")
+    p.add_argument("--logs", default="logs", help="where the training runs go")
+    p.add_argument("--docs", default=str(HERE),
+                   help=f"folder whose {what} get the table ('' for none)")
+    p.add_argument("--train-args", default="",
+                   help="extra trainer2.py overrides for every run (for quick trials)")
+
+
 def run_step(name, cmd, state, state_path, log_dir):
     """Run one command unless state says it finished; its output goes to LOG_DIR/<name>.log."""
     if name in state:
