@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import dataset as ds
 import metrics
-from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_dir, cpu_model, eval_cmd,
-                         metrics_rows, read_json, run_step, train_cmd, train_speed,
+from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_dir, cpu_model,
+                         eval_cmd, metrics_rows, read_json, run_step, train_cmd, train_speed,
                          write_docs)
 from model import imagenet_weights_file
 from runtime import git_commit, write_atomic
@@ -214,9 +214,9 @@ def run_rows(args, rows, state, state_path, cache):
     return runs, [compare_row(r, runs) for r in rows]
 
 
-def change(row, runs_spec=RUNS):
+def change(row):
     """What the variant changes, in trainer2.py overrides relative to the base run."""
-    base, variant = runs_spec[row["base"]], runs_spec[row["variant"]]
+    base, variant = RUNS[row["base"]], RUNS[row["variant"]]
     if base[0] != variant[0]:
         return f"{variant[0]} recipe"
     if base[2] != variant[2]:
