@@ -37,9 +37,10 @@ def card(ckpt, view1, ident, source):
         f"{c['distance']} score, {c['embedding_dim']}-d embedding, {c['image_size']} px "
         f"{(ckpt.get('crop') or {}).get('mode', '?')} face crops), weights in half precision. "
         f"Made from `{source}` (commit `{str(ckpt.get('git_commit'))[:10]}`) by `ship_model.py`.",
-        f"- **Trained on:** LFW only, from scratch: the people of `peopleDevTrain.txt` "
-        f"({cfg.get('split', 'view1')} split, {len(ckpt.get('train_people', []))} people with "
-        "the validation people); no outside data, no pretrained weights.",
+        f"- **Trained on:** LFW only, from scratch: the {len(ckpt.get('train_people', []))} "
+        f"people of the {cfg.get('split', 'view1')} training set, less the "
+        f"{cfg.get('val_fraction', 0):.0%} held out for the validation pairs; no outside data, "
+        "no pretrained weights.",
         f"- **Threshold:** {ckpt['threshold']:.4f} on its score (chosen on the validation pairs "
         "of held-out training people); a score at or above it means the same person.",
     ]
