@@ -149,6 +149,7 @@ def page_order(at):
 # ------------------------------------------------------------------ no model
 
 def test_no_checkpoint_shows_the_training_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(model, "SHIPPED", tmp_path / "no-shipped-model.pt")
     at = start(monkeypatch, tmp_path)
     assert len(at.error) == 1
     assert "make train" in at.error[0].value and "python trainer2.py" in at.error[0].value

@@ -85,6 +85,7 @@ def test_no_face_and_unreadable_file_are_one_line_naming_the_file(setup, tmp_pat
 
 
 def test_no_checkpoint_under_logs_says_how_to_train(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(m, "SHIPPED", tmp_path / "no-shipped-model.pt")  # a clone without one
     monkeypatch.chdir(tmp_path)
     (tmp_path / "logs").mkdir()
     code, _, err = run(capsys, setup["face"], setup["face"])
