@@ -275,8 +275,8 @@ def plot(result, path):
                     color=colour.get(r["verdict"], "tab:grey"))
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [f"{r['id']}: {r['variant']} vs {r['base']}" for r in rows])
-    ax.set_xlabel("DevTest accuracy difference, points (95% paired bootstrap interval)")
-    ax.set_title("green: the claim holds, red: it does not, grey: inconclusive")
+    ax.set_xlabel("variant minus base, DevTest accuracy points (95% interval)")
+    ax.set_title("green: holds, red: does not hold, grey: inconclusive", fontsize=10)
     ax.grid(axis="x", alpha=0.3), fig.tight_layout(), fig.savefig(path, dpi=100)
     plt.close(fig)
 
