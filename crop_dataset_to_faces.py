@@ -23,8 +23,8 @@ from torchvision.io import encode_jpeg
 from tqdm import tqdm
 
 import faces
-from dataset import IMAGE_SUFFIXES
-from runtime import pick_device, set_threads, write_atomic
+import dataset as ds
+from runtime import DeviceError, pick_device, set_threads, write_atomic
 
 D = faces.CROP_DEFAULTS
 FOUND = "face found"  # a journal row that clears an older one for the same file
@@ -51,24 +51,15 @@ def parse_args(argv):
 
 
 def find_images(src):
-    """Every image under src, person folders that are symbolic links included (a tree whose
-    <person>/ entries link to another disk is a normal set-up)."""
+    """Every photo of src/<person>/, as training will read them (dataset.scan_people)."""
     if not src.is_dir():
         raise SystemExit(f"error: {src}: no such folder; run `python download_data.py` first "
                          "or pass --src")
-    files, seen = [], set()
-    for folder, dirs, names in os.walk(src, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a link loop; each real folder once
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs.sort()
-        files += [Path(folder) / n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    files = [p for photos in ds.scan_people(src).values() for p in photos]
     if not files:
-        raise SystemExit(f"error: {src}: no .jpg/.png images in it; run "
+        raise SystemExit(f"error: {src}: no <person>/<image> photos (.jpg/.png) in it; run "
                          "`python download_data.py --force` or pass the right --src")
-    return sorted(files)
+    return files
 
 
 def claim_settings(dst, settings, overwrite):
@@ -182,7 +173,10 @@ def main(argv=None):
 
     todo = [f for f in files if args.overwrite or not out_path(f).exists()]
     done_before = len(files) - len(todo)
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except DeviceError as e:
+        raise SystemExit(f"error: {e}") from None
     threads = set_threads(args.workers)
     detector = faces.detector_for(settings, device)
     print(f"cropping {len(todo)} images ({done_before} already done) from {src} to {dst}, "

@@ -26,17 +26,30 @@ class ProtocolError(ValueError):
 
 # ---------------------------------------------------------------- identities and protocol files
 
+def scan_people(folder, suffixes=IMAGE_SUFFIXES):
+    """{person: [image paths, sorted]} of folder/<person>/<image>: the one rule for what
+    counts as a person's photo, shared by training, the crop, identify.py and the demo.
+    Hidden files and folders are skipped (.ipynb_checkpoints/ is not a person, macOS's ._x.jpg
+    is not a photo), person folders that are links are followed, only `suffixes` count,
+    and a folder without a photo is no person. Files directly in folder are not photos."""
+    people = {}
+    for d in sorted(Path(folder).iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        photos = sorted(p for p in d.iterdir() if not p.name.startswith(".")
+                        and p.suffix.lower() in suffixes and p.is_file())
+        if photos:
+            people[d.name] = photos
+    return people
+
+
 def read_identities(image_dir):
-    """{person: [image paths, sorted]} for an <person>/<image> folder."""
+    """scan_people of a training folder, or ProtocolError naming the fix."""
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise ProtocolError(f"{image_dir}: no such folder; run `python download_data.py` "
                             "(and `python crop_dataset_to_faces.py` for cropped_dataset)")
-    people = {}
-    for d in sorted(p for p in image_dir.iterdir() if p.is_dir()):
-        images = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if images:
-            people[d.name] = images
+    people = scan_people(image_dir)
     if not people:
         raise ProtocolError(f"{image_dir}: no <person>/<image>.jpg files in it; run "
                             "`python download_data.py` or point data_dir at the right folder")
@@ -186,7 +199,7 @@ def subset(people, names):
 
 
 def make_split(image_dir, protocol_dir, split="view1", seed=0, val_fraction=0.1,
-               val_pairs=1000, test_fraction=0.2, slice_of_data=0, fold=0):
+               val_pairs=1000, test_fraction=0.2, slice_of_data=0, fold=0, with_test=True):
     """Identity-disjoint training people, validation pairs and test pairs.
 
     split='view1': train on peopleDevTrain.txt (or, without it, everyone absent from
@@ -194,12 +207,16 @@ def make_split(image_dir, protocol_dir, split="view1", seed=0, val_fraction=0.1,
     folds other than `fold`, test on that fold of pairs.txt. split='random': a seeded split
     of people, with fixed sampled test pairs. Validation pairs come from a seeded share of the
     training people, so model selection never sees a test pair. slice_of_data > 0 keeps that
-    many training people, chosen at random with the seed.
+    many training people, chosen at random with the seed. with_test=False leaves the View 1
+    and View 2 test pairs unread (test_pairs None): training never looks at them, so it needs
+    no test protocol file (View 1: pairsDevTest.txt, unless peopleDevTrain.txt is missing).
     """
     people = read_identities(image_dir)
     protocol_dir = Path(protocol_dir)
+    test = None
     if split == "view1":
-        test = pairs_to_paths(parse_pairs(protocol_dir / "pairsDevTest.txt"), image_dir)
+        if with_test:
+            test = pairs_to_paths(parse_pairs(protocol_dir / "pairsDevTest.txt"), image_dir)
         if (protocol_dir / "peopleDevTrain.txt").is_file():
             train_names = set(parse_people(protocol_dir / "peopleDevTrain.txt")[0])
         else:
@@ -211,8 +228,9 @@ def make_split(image_dir, protocol_dir, split="view1", seed=0, val_fraction=0.1,
             raise ProtocolError(f"{protocol_dir / 'people.txt'}: has folds 0-{len(folds) - 1}, "
                                 f"not {fold}; pass --fold in that range")
         train_names = set().union(*(f for k, f in enumerate(folds) if k != fold))
-        test = pairs_to_paths([p for p in parse_pairs(protocol_dir / "pairs.txt") if p[5] == fold],
-                              image_dir)
+        if with_test:
+            test = pairs_to_paths([p for p in parse_pairs(protocol_dir / "pairs.txt")
+                                   if p[5] == fold], image_dir)
     elif split == "random":
         train_list, test_list = split_people(people, test_fraction, seed)
         train_names = set(train_list)

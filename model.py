@@ -1,219 +1,73 @@
-"""Siamese networks for face verification: backbones, pair scoring and losses.
+"""Siamese networks for face verification: the network, its config and its checkpoints.
 
-A backbone maps an image to an embedding. SiameseNet.embed runs it once per image and
-SiameseNet.score turns two embeddings into a pair score (higher = same person), so that
-evaluation embeds each image once and scores pairs from cached embeddings.
+A backbone (backbones.py's registry) maps an image to an embedding. SiameseNet.embed runs
+it once per image and SiameseNet.score turns two embeddings into a pair score (higher = same
+person), as the loss declares (losses.py's registry), so that evaluation embeds each image
+once and scores pairs from cached embeddings. Checkpoints are read and found here; scoring a
+photo with one is inference.py's FaceModel.
 """
 import pickle
 import time
-import urllib.error
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-CHOICES = {"model": ("koch", "compact", "resnext"),
-           "loss": ("bce", "contrastive", "triplet", "arcface"),
-           "distance": ("l1", "cosine"), "activation": ("sigmoid", "relu"),
-           "init": ("default", "kaiming", "xavier", "koch")}
+import backbones
+import losses
+
+# What every network has, whatever its backbone; each backbone's own settings are in its
+# registry entry (backbones.py), each loss's in losses.py.
+CHOICES = {"distance": ("l1", "cosine"), "init": ("default", "kaiming", "xavier", "koch")}
+GENERAL = ("model", "image_size", "loss", "distance", "init")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything that rebuilds a network, with its defaults in one place; a checkpoint
-    stores it whole (asdict). Every other trainer hyperparameter only affects training.
-    The values are checked here, once, when a config is made."""
-    model: str = "compact"      # koch (Koch et al. 2015), compact (small ResNet), resnext
-    image_size: int = 112
-    embedding_dim: int = 256    # compact only
-    width: int = 0              # koch, compact: first-stage channels (0: the model's own, 64, 32)
-    loss: str = "arcface"       # bce scores pairs with a learnt head; the others by distance
-    distance: str = "cosine"
-    drop_layer4: bool = False   # resnext only
-    head_hidden: int = 1024     # resnext only
-    head_depth: int = 1         # resnext only
-    activation: str = "sigmoid"  # resnext head
-    p: float = 0.0              # dropout before the embedding (koch, compact) or in the head
-    init: str = "kaiming"       # for layers without pretrained weights
+    """Everything that rebuilds a network: the general fields and the backbone's own
+    settings. A checkpoint stores it flat (to_dict). The values are checked here, once."""
+    model: str
+    image_size: int
+    loss: str
+    distance: str
+    init: str
+    settings: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.model not in backbones.BACKBONES:
+            raise ValueError(f"model={self.model!r} is not one of {', '.join(backbones.BACKBONES)}")
+        if self.loss not in losses.LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not one of {', '.join(losses.LOSSES)}")
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if min(self.image_size, self.embedding_dim) < 1 or self.width < 0 or not 0 <= self.p < 1:
-            raise ValueError("image_size and embedding_dim must be positive, width 0 or more "
-                             "and p in [0, 1)")
+        if self.image_size < 1:
+            raise ValueError(f"image_size={self.image_size} must be positive")
+        backbones.BACKBONES[self.model].check(self.settings)
+
+    def get(self, name):
+        return self.settings[name]
+
+    def to_dict(self):
+        return {**{k: getattr(self, k) for k in GENERAL}, **self.settings}
 
     @classmethod
     def from_dict(cls, values):
-        """From a trainer config or a checkpoint's model_config; other keys are ignored."""
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
-
-
-MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
-
-
-class PretrainedWeightsMissing(RuntimeError):
-    pass
+        """From a trainer config or a checkpoint's model_config: the general fields, and the
+        backbone's settings as given or else their registry defaults. Other keys are ignored."""
+        missing = [k for k in GENERAL if k not in values]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)} in the model settings")
+        entry = backbones.BACKBONES.get(values["model"])
+        own = {k: values.get(k, default) for k, (default, _) in entry.settings.items()} \
+            if entry else {}
+        return cls(**{k: values[k] for k in GENERAL}, settings=own)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit this model.py; one clear line."""
-
-
-# ------------------------------------------------------------------------------ backbones
-
-class KochNet(nn.Module):
-    """Koch et al. 2015: four conv layers, then a 4096-unit sigmoid layer. The flatten size
-    is computed from the input size, so any image_size works. width scales every layer (the
-    paper's is 64: 64-128-128-256 channels, 4096 units); p is dropout before the last layer."""
-
-    def __init__(self, image_size=105, width=64, p=0.0):
-        super().__init__()
-        w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w, 10), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 7), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 4), nn.ReLU(inplace=True), nn.Flatten())
-        with torch.no_grad():
-            try:
-                flat = self.features(torch.zeros(1, 3, image_size, image_size)).shape[1]
-            except RuntimeError:
-                raise ValueError(f"image_size={image_size} is too small for KochNet; "
-                                 "use 80 or more (the paper's is 105)") from None
-        self.drop = nn.Dropout(p)  # apart from fc, so that older checkpoints' keys still load
-        self.fc = nn.Sequential(nn.Linear(flat, 64 * w), nn.Sigmoid())
-        self.out_dim = 64 * w
-
-    def forward(self, x):
-        return self.fc(self.drop(self.features(x)))
-
-
-def basic_block(cin, cout, stride):
-    """Residual block in ArcFace's IResNet order (BN-conv-BN-PReLU-conv-BN), but striding in
-    the first conv as ResNet does: the second conv then runs at the lower resolution, which
-    halves the block's cost on a CPU."""
-    body = nn.Sequential(
-        nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-        nn.PReLU(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-    short = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-    return Residual(body, short)
-
-
-class Residual(nn.Module):
-    def __init__(self, body, short):
-        super().__init__()
-        self.body, self.short = body, short
-
-    def forward(self, x):
-        return self.body(x) + self.short(x)
-
-
-class CompactResNet(nn.Module):
-    """A small IResNet-style face CNN sized for a CPU budget (~2M parameters at 112 px).
-
-    Stem at stride 2, four residual stages, then a global depthwise conv (MobileFaceNet's
-    GDC) instead of average pooling, which keeps where on the face a feature was seen.
-    """
-
-    def __init__(self, image_size=112, embedding_dim=256, widths=(32, 64, 128, 256),
-                 blocks=(1, 2, 3, 1), p=0.0, first_stride=2):
-        super().__init__()
-        layers = [nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                  nn.PReLU(widths[0])]
-        cin = widths[0]
-        for i, (w, n) in enumerate(zip(widths, blocks)):
-            for j in range(n):
-                stride = (first_stride if i == 0 else 2) if j == 0 else 1
-                layers.append(basic_block(cin, w, stride))
-                cin = w
-        layers.append(nn.BatchNorm2d(cin))
-        self.features = nn.Sequential(*layers)
-        with torch.no_grad():  # in eval mode: a dummy batch must not touch BN statistics
-            side = self.features.eval()(torch.zeros(1, 3, image_size, image_size)).shape[-1]
-        self.features.train()
-        self.head = nn.Sequential(
-            nn.Conv2d(cin, cin, side, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.Flatten(),
-            nn.Dropout(p), nn.Linear(cin, embedding_dim, bias=False), nn.BatchNorm1d(embedding_dim))
-        self.out_dim = embedding_dim
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def mlp_head(in_dim, hidden, depth, activation, p):
-    """depth x (Linear, activation, Dropout). depth=0 keeps the backbone's features."""
-    act = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[activation]
-    layers, dim = [], in_dim
-    for _ in range(depth):
-        layers += [nn.Linear(dim, hidden), act(), nn.Dropout(p)]
-        dim = hidden
-    return nn.Sequential(*layers), dim
-
-
-class ResNeXtEmbedder(nn.Module):
-    """torchvision's ResNeXt-50 32x4d without its classifier, optionally without layer4,
-    then average pooling and an MLP head."""
-
-    def __init__(self, pretrained, drop_layer4, head_hidden, head_depth, activation, p):
-        super().__init__()
-        net = torchvision.models.resnext50_32x4d(weights=None)
-        if pretrained:
-            net.load_state_dict(imagenet_weights())
-        if drop_layer4:
-            net.layer4 = nn.Identity()
-        net.fc = nn.Identity()
-        self.body = net
-        self.head, self.out_dim = mlp_head(1024 if drop_layer4 else 2048, head_hidden,
-                                           head_depth, activation, p)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-IMAGENET = torchvision.models.ResNeXt50_32X4D_Weights.IMAGENET1K_V2
-
-
-def imagenet_weights_file():
-    """Where torchvision's cache keeps the ResNeXt-50 ImageNet weights (TORCH_HOME/hub)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
-
-
-def imagenet_weights():
-    """ResNeXt-50 ImageNet weights through torchvision's cache, downloaded when absent."""
-    weights = IMAGENET
-    try:
-        return weights.get_state_dict(progress=True)
-    except (urllib.error.URLError, OSError) as e:
-        name, where = Path(weights.url).name, imagenet_weights_file()
-        raise PretrainedWeightsMissing(
-            f"cannot download ImageNet weights {name} ({e.__class__.__name__}): fetch "
-            f"{weights.url} on a machine with internet and put it at {where}, or train from "
-            "scratch with --pretrained=False") from None
-
-
-def init_weights(module, scheme):
-    """Initialise freshly created layers. Called only on layers that hold no pretrained
-    weights. 'koch' is the paper's: N(0, 1e-2) weights, N(0.5, 1e-2) biases."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            if scheme == "koch":
-                nn.init.normal_(m.weight, 0.0, 1e-2)
-                if m.bias is not None:
-                    nn.init.normal_(m.bias, 0.5, 1e-2)
-            elif scheme == "kaiming":
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif scheme == "xavier":
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
 
 # ------------------------------------------------------------------------------ siamese net
@@ -221,26 +75,22 @@ def init_weights(module, scheme):
 class SiameseNet(nn.Module):
     """embed(x) -> embeddings; score(e1, e2) -> pair scores; forward(x1, x2) -> scores.
 
-    With loss='bce' the score is the paper's: a linear layer on |e1 - e2| (L1) or on the
-    cosine similarity, giving a logit. With embedding losses it is the cosine similarity or
-    minus the L1 distance. Higher always means more likely the same person.
+    Pairs are scored as the loss declares (losses.py): by a head trained with it (bce: a
+    linear layer on |e1 - e2| or on the cosine similarity, a logit), or else by the cosine
+    similarity or minus the L1 distance. Higher always means more likely the same person.
     """
 
-    def __init__(self, backbone, loss="bce", distance="l1"):
+    def __init__(self, backbone, head=None, distance="l1"):
         super().__init__()
-        self.backbone, self.loss, self.distance = backbone, loss, distance
-        self.head = nn.Linear(backbone.out_dim if distance == "l1" else 1, 1) \
-            if loss == "bce" else None
+        self.backbone, self.head, self.distance = backbone, head, distance
 
     def embed(self, x):
         return self.backbone(x)
 
     def score(self, e1, e2):
-        if self.loss == "bce":
-            d = (e1 - e2).abs() if self.distance == "l1" else \
-                F.cosine_similarity(e1, e2).unsqueeze(1)
-            return self.head(d).squeeze(1)
-        return -pair_distance(e1, e2, self.distance)
+        if self.head is not None:
+            return self.head.score(e1, e2)
+        return -losses.pair_distance(e1, e2, self.distance)
 
     def forward(self, x1, x2=None):
         """Pair scores, or embeddings when given one batch (so DDP sees every call)."""
@@ -248,6 +98,33 @@ class SiameseNet(nn.Module):
             return self.embed(x1)
         e = self.embed(torch.cat([x1, x2]))  # one pass over both halves
         return self.score(*e.chunk(2))
+
+    def prepare_gallery(self, embeddings):
+        """The matrix score_matrix searches, made once per gallery: L2-normalised rows for a
+        cosine net, the embeddings as they are for an L1 one."""
+        return F.normalize(embeddings.float(), dim=1) if self.distance == "cosine" \
+            else embeddings.float()
+
+    @torch.no_grad()
+    def score_matrix(self, queries, gallery):
+        """(M, N) pair scores of M query embeddings against a prepare_gallery() matrix:
+        exactly score(query, photo) for every pair, on the scale of the checkpoint's
+        threshold, as one matrix product for cosine nets (cdist for L1 ones) and in chunks of
+        pairs for an L1 head."""
+        queries = queries.float().to(gallery.device)
+        if self.distance == "cosine":
+            cos = F.normalize(queries, dim=1) @ gallery.T
+            if self.head is None:
+                return cos - 1
+            device = self.head.weight.device
+            return self.head.logit(cos.unsqueeze(-1).to(device)).float().cpu()
+        if self.head is None:
+            return -torch.cdist(queries, gallery, p=1)
+        n, device = len(gallery), self.head.weight.device
+        flat = torch.arange(len(queries) * n)
+        return torch.cat([self.score(queries[idx // n].to(device), gallery[idx % n].to(device))
+                          .float().cpu() for idx in flat.split(SCORE_CHUNK)]
+                         ).view(len(queries), n) if len(flat) else torch.empty(len(queries), n)
 
 
 @torch.no_grad()
@@ -317,35 +194,14 @@ def score_pairs(net, pairs, images_of, batch_size=256, device="cpu", flip=False,
                                           "score": time.perf_counter() - t2}}
 
 
-def pair_distance(e1, e2, distance):
-    """L1 distance, or cosine distance (1 - cosine similarity)."""
-    if distance == "l1":
-        return (e1 - e2).abs().sum(1)
-    return 1 - F.cosine_similarity(e1, e2)
-
-
 def build_model(cfg, pretrained=False):
-    """A SiameseNet from a ModelConfig (or a dict with its keys). pretrained: start a ResNeXt
-    body from ImageNet weights (training only; a checkpoint brings its own weights)."""
+    """A SiameseNet from a ModelConfig (or a dict with its keys): the backbone from its
+    registry entry, the pair head the loss declares. pretrained: start the backbone from
+    its outside weights (training only; a checkpoint brings its own weights)."""
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
-    if cfg.model == "koch":
-        backbone = KochNet(cfg.image_size, cfg.width or 64, cfg.p)
-        init_weights(backbone, cfg.init)
-    elif cfg.model == "compact":
-        backbone = CompactResNet(cfg.image_size, cfg.embedding_dim, p=cfg.p,
-                                 widths=tuple((cfg.width or 32) * 2 ** i for i in range(4)))
-        init_weights(backbone, cfg.init)
-    else:
-        backbone = ResNeXtEmbedder(pretrained, cfg.drop_layer4, cfg.head_hidden, cfg.head_depth,
-                                   cfg.activation, cfg.p)
-        # The head is new either way; the body only when there are no ImageNet weights.
-        init_weights(backbone.head, cfg.init)
-        if not pretrained:
-            init_weights(backbone.body, cfg.init)
-    net = SiameseNet(backbone, cfg.loss, cfg.distance)
-    if net.head is not None:
-        init_weights(net.head, "default")
-    return net
+    backbone = backbones.BACKBONES[cfg.model].build(cfg, pretrained)
+    head = losses.LOSSES[cfg.loss].pair_head(backbone.out_dim, cfg.distance)
+    return SiameseNet(backbone, head, cfg.distance)
 
 
 def read_torch_file(path, fix, device="cpu", mmap=False):
@@ -382,76 +238,17 @@ def load_checkpoint(path, device="cpu"):
 
 def checkpoint_crop_settings(ckpt, path):
     """The crop settings of the faces a checkpoint was trained on (faces.py), so that a new
-    photo's face is made the same way. Checkpoints from before settings were recorded were
-    trained on the crop script's defaults of the time (aligned, 112 px); a net trained on
-    whole photos or on a folder without crop_settings.json cannot be fed a face."""
+    photo's face is made the same way. A net trained on whole photos, or on a folder without
+    crop_settings.json, cannot be fed a face."""
     import faces  # detection lives there; imported here to keep model.py light
     if ckpt.get("crop"):
         return faces.crop_settings(**ckpt["crop"])
     cfg = ckpt.get("config", {})
-    if "crop" not in ckpt and cfg.get("aligned_faces", False):  # older trainer2.py checkpoint
-        return faces.crop_settings()
     raise CheckpointError(f"{path}: trained on {cfg.get('data_dir', 'a folder')}, which holds "
                           f"no {faces.SETTINGS_FILE} (whole photos, as trainer.py uses, or crops "
                           "made before the crop script recorded its settings), so its faces "
                           "cannot be rebuilt here; train on crops from "
                           "`python crop_dataset_to_faces.py` (trainer2.py does)")
-
-
-# ------------------------------------------------------------------------------ losses
-
-def bce_loss(logits, labels):
-    return F.binary_cross_entropy_with_logits(logits, labels.float())
-
-
-def contrastive_loss(e1, e2, labels, distance="l1", margin=1.0):
-    """Hadsell et al. 2006: pull same pairs together, push different pairs past the margin."""
-    d = pair_distance(e1, e2, distance)
-    labels = labels.float()
-    return (labels * d.pow(2) + (1 - labels) * F.relu(margin - d).pow(2)).mean()
-
-
-def pairwise_distances(e, distance):
-    if distance == "l1":
-        return torch.cdist(e, e, p=1)
-    e = F.normalize(e, dim=1)
-    return 1 - e @ e.t()
-
-
-def batch_hard_triplet_loss(e, ids, distance="cosine", margin=0.2):
-    """Hermans et al. 2017: for each anchor, its farthest positive and nearest negative in
-    the batch. Anchors without a positive in the batch are left out."""
-    d = pairwise_distances(e, distance)
-    same = ids[:, None] == ids[None, :]
-    eye = torch.eye(len(ids), dtype=torch.bool, device=e.device)
-    pos = (d * (same & ~eye)).max(1).values
-    neg = d.masked_fill(same, float("inf")).min(1).values
-    valid = (same & ~eye).any(1) & torch.isfinite(neg)
-    if not valid.any():
-        return e.sum() * 0.0
-    return F.relu(pos - neg + margin)[valid].mean()
-
-
-class ArcFace(nn.Module):
-    """Additive angular margin (Deng et al. 2019) over the training identities: logits
-    s * (cos(theta + m) - m_cos) for the true class, s * cos(theta) for the others. m_cos is
-    CosFace's additive cosine margin (Wang et al. 2018): m=0 with m_cos>0 is CosFace."""
-
-    def __init__(self, embedding_dim, n_classes, scale=32.0, margin=0.5, cos_margin=0.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_classes, embedding_dim))
-        nn.init.xavier_uniform_(self.weight)
-        self.scale, self.margin, self.cos_margin = scale, margin, cos_margin
-
-    def forward(self, e, ids, label_smoothing=0.0):
-        cos = F.linear(F.normalize(e.float()), F.normalize(self.weight.float())).clamp(-1 + 1e-7, 1 - 1e-7)
-        theta = torch.acos(cos.gather(1, ids[:, None]))
-        target = torch.cos(theta + self.margin)
-        # Past pi - m the margin would bend cos back up; fall back to CosFace's shift there.
-        target = torch.where(theta + self.margin < torch.pi, target,
-                             cos.gather(1, ids[:, None]) - self.margin * torch.sin(torch.tensor(self.margin)))
-        logits = cos.scatter(1, ids[:, None], target - self.cos_margin) * self.scale
-        return F.cross_entropy(logits, ids, label_smoothing=label_smoothing)
 
 
 # ------------------------------------------------------------------------------ finding checkpoints

@@ -1,6 +1,10 @@
-"""Train a siamese face-verification net on the raw LFW photos (dataset/images).
+"""Train a siamese face-verification net on the raw LFW photos (dataset/images): the paper's
+recipe (Koch et al. 2015). trainer2.py changes what differs for face crops.
 
 Edit the hyperparameters below, or override any of them: python trainer.py --epochs=5 --lr=0.01
+Each backbone's and loss's own settings (embedding_dim, width, p, arc_margin, triplet_margin,
+...) have their defaults in backbones.py and losses.py; set them here or as --name=value.
+`python trainer.py --help` lists every name with its value and meaning.
 Multi-GPU/CPU: torchrun --nproc_per_node=2 trainer.py. Resume: --resume=logs/<run>.
 """
 # ---- data
@@ -18,42 +22,31 @@ erase_p = 0.0                  # probability of erasing a rectangle (2-20% of th
 num_workers = 0                # DataLoader worker processes (0: in the training process)
 batch_augment = True           # augment whole uint8 batches on the device (False: image by image)
 # ---- model
-model = "koch"                 # koch (Koch et al. 2015), compact (small ResNet), resnext
-pretrained = True              # resnext only: start from ImageNet weights (torchvision cache)
-embedding_dim = 256            # compact only: embedding size
-width = 0                      # koch, compact: first-stage channels (0: the model's own)
-drop_layer4 = False            # resnext only: cut the last stage
-head_hidden = 1024             # resnext only: hidden size of the MLP head
-head_depth = 1                 # resnext only: layers in the MLP head
-activation = "sigmoid"         # resnext head: sigmoid or relu
-p = 0.0                        # dropout probability in the head
+model = "koch"                 # a backbone of backbones.py: koch (Koch et al. 2015),
+                               # compact or resnext
+pretrained = True              # backbones with outside weights (resnext) start from them
 init = "koch"                  # init of new layers: default, kaiming, xavier, koch
 channels_last = False          # NHWC memory format
 torch_compile = True           # torch.compile the training step (faster: RECIPE.md's profile;
                                # the first steps compile); False: eager
 # ---- loss
-loss = "bce"                   # bce (the paper's), contrastive, triplet, arcface
+loss = "bce"                   # a loss of losses.py: bce (the paper's), contrastive,
+                               # triplet or arcface
 distance = "l1"                # l1 (the paper's) or cosine
-margin = 0.5                   # arcface angle margin, or contrastive/triplet distance margin
-arc_scale = 32.0               # arcface logit scale
-cos_margin = 0.0               # arcface: CosFace's cosine margin (margin=0 and 0.35: CosFace)
-label_smoothing = 0.0          # arcface only
-pairs_per_epoch = 0            # bce/contrastive: pairs drawn per epoch (0: 2 x training images)
-per_person = 4                 # triplet: images per person in a batch
 # ---- optimisation
 optimizer = "adam"             # adam or sgd (with Nesterov momentum)
-lr = 1e-4
-momentum = 0.9
-weight_decay = 0.0
-epochs = 30
-batch_size = 64
-lr_scheduler_on = True
+lr = 1e-4                      # base learning rate (the schedule below scales it)
+momentum = 0.9                 # sgd only
+weight_decay = 0.0             # L2 penalty on every parameter
+epochs = 30                    # passes over the training data (max_minutes may end it first)
+batch_size = 64                # images (or pairs) per step, over all processes
+lr_scheduler_on = True         # False: a constant lr after the warm-up
 cos = True                     # cosine schedule to zero; False: step schedule (gamma, step_size)
 gamma = 0.1                    # step schedule: lr factor every step_size epochs
-step_size = 10
+step_size = 10                 # step schedule: epochs between lr drops
 warmup_epochs = 1              # linear warm-up
 ema = 0.0                      # >0: evaluate and save an exponential moving average of weights
-mixed_precision = True         # fp16 on CUDA, bf16 on CPU (2x faster here: AMX)
+mixed_precision = True         # fp16 on CUDA, bf16 on CPU (faster here: AVX-512 BF16)
 # ---- evaluation, stopping, run
 calc_metrics_interval = 1      # evaluate every N epochs
 early_stopping_metric = "accuracy"  # accuracy, precision, recall, f1, auc or loss
@@ -61,7 +54,7 @@ patience = 10                  # evaluations without improvement before stopping
 max_minutes = 30.0             # wall-clock training budget (0: none); ends with an evaluation; the
                                # epoch it cuts short counts, and --resume starts the next one
 snapshot_minutes = ""          # e.g. "5,10,20": also save snapshot_<m>min.pt at those minutes
-seed = 0
+seed = 0                       # people split, pairs, initialisation and data order
 device = "auto"                # auto, cpu, cuda
 threads = 0                    # CPU threads (0: the free cores)
 run_name = ""                  # logs/<run_name>/ (empty: model-loss-date)

@@ -18,7 +18,6 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,13 +30,18 @@ from tqdm import tqdm
 
 import dataset as ds
 import faces
+import losses
 import metrics
-from model import (ArcFace, CheckpointError, ModelConfig, PretrainedWeightsMissing,
-                   batch_hard_triplet_loss, bce_loss, build_model, contrastive_loss,
-                   embed_images, read_torch_file, score_pairs)
+import pairs
+from backbones import PretrainedWeightsMissing
+from recipes import defaults_of, help_text
+from model import (CheckpointError, ModelConfig, build_model, embed_images, read_torch_file,
+                   score_pairs)
 from runtime import (autocast, free_cores, git_commit, pick_device, seed_everything,
                      set_threads, write_atomic)
 
+# The held-out pairs of a --split=random run, in its folder: evaluate.py finds them there.
+TEST_PAIRS = "test_pairs.csv"
 METRICS = ("accuracy", "precision", "recall", "f1", "auc", "loss")  # one best_*.pt each
 CSV_FIELDS = ("epoch", "step", "minutes", "lr", "train_loss", "loss", "accuracy", "precision",
               "recall", "f1", "auc", "threshold", "images_per_s")
@@ -46,12 +50,6 @@ TRAINING_CHOICES = {"optimizer": ("adam", "sgd"), "split": ("view1", "view2", "r
 
 
 # ------------------------------------------------------------------ hyperparameters
-
-def hyperparameters(namespace):
-    """The plain globals of a trainer file: names not starting with '_' holding simple values."""
-    return {k: v for k, v in namespace.items() if not k.startswith("_")
-            and isinstance(v, (bool, int, float, str, type(None)))}
-
 
 def parse_value(name, text, default):
     """Convert a command-line string to the type of the default value."""
@@ -93,12 +91,14 @@ def check_config(cfg):
     """Every setting checked before anything is created: a bad value leaves no run folder."""
     try:
         ModelConfig.from_dict(cfg)  # the model's own choices and ranges
+        pick_device(cfg["device"])  # DeviceError: cuda without a GPU, an unknown name
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     for key, allowed in TRAINING_CHOICES.items():
         if cfg[key] not in allowed:
             raise SystemExit(f"error: {key}={cfg[key]!r} is not one of {', '.join(allowed)}")
-    for key in ("batch_size", "epochs", "calc_metrics_interval", "patience", "val_pairs"):
+    for key in ("batch_size", "epochs", "calc_metrics_interval", "patience", "val_pairs",
+                "per_person"):
         if cfg[key] < 1:
             raise SystemExit(f"error: {key}={cfg[key]} must be at least 1")
     if cfg["max_minutes"] < 0 or cfg["num_workers"] < 0 or cfg["ema"] < 0 or cfg["ema"] >= 1:
@@ -107,7 +107,7 @@ def check_config(cfg):
 
 def load_config(namespace, argv):
     """The trainer's defaults, then (with --resume) the saved run's, then the command line."""
-    defaults = hyperparameters(namespace)
+    defaults = defaults_of(namespace)
     cfg = apply_overrides(defaults, argv)
     if cfg.get("resume"):
         saved_path = Path(cfg["resume"]) / "config.json"
@@ -129,7 +129,11 @@ def load_config(namespace, argv):
 
 def main(namespace, argv=None):
     """Entry point for the trainer files: their globals are the defaults."""
-    cfg = load_config(namespace, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(help_text(namespace))
+        return 0
+    cfg = load_config(namespace, argv)
     try:
         return train(cfg)
     except (ValueError, PretrainedWeightsMissing) as e:  # ProtocolError, CheckpointError, sizes
@@ -201,26 +205,16 @@ class Budget:
 # ------------------------------------------------------------------ building a run
 
 class LossModel(torch.nn.Module):
-    """The network plus whatever the loss owns (ArcFace's class centres), so that DDP syncs
-    every gradient through one forward call."""
+    """The network plus the loss and whatever it owns (ArcFace's class centres), so that DDP
+    syncs every gradient through one forward call."""
 
     def __init__(self, net, cfg, n_classes):
         super().__init__()
-        self.net, self.cfg = net, cfg
-        self.arcface = ArcFace(net.backbone.out_dim, n_classes, cfg["arc_scale"],
-                               cfg["margin"], cfg["cos_margin"]) if cfg["loss"] == "arcface" else None
+        self.net = net
+        self.loss = losses.build_loss(cfg, net.backbone.out_dim, n_classes)
 
     def forward(self, x1, x2, y):
-        loss = self.cfg["loss"]
-        if loss == "bce":
-            return bce_loss(self.net(x1, x2), y)
-        if loss == "contrastive":
-            e1, e2 = self.net(torch.cat([x1, x2])).chunk(2)
-            return contrastive_loss(e1, e2, y, self.cfg["distance"], self.cfg["margin"])
-        e = self.net(x1)
-        if loss == "triplet":
-            return batch_hard_triplet_loss(e, y, self.cfg["distance"], self.cfg["margin"])
-        return self.arcface(e, y, self.cfg["label_smoothing"])
+        return self.loss(self.net, x1, x2, y)
 
 
 def run_folder(cfg):
@@ -240,7 +234,7 @@ def build_data(cfg):
     crop = faces.read_crop_settings(cfg["data_dir"])
     split = ds.make_split(cfg["data_dir"], cfg["protocol_dir"], cfg["split"], cfg["seed"],
                           cfg["val_fraction"], cfg["val_pairs"], slice_of_data=cfg["slice_of_data"],
-                          fold=cfg["fold"])
+                          fold=cfg["fold"], with_test=False)
     people = split["train"]
     val_paths = {p for a, b, _ in split["val_pairs"] for p in (a, b)}
     bank = ds.ImageBank([p for v in people.values() for p in v] + list(val_paths),
@@ -276,30 +270,39 @@ def build_model_and_optimizer(cfg, n_classes, device):
     return net, model, ema, optimizer, scaler
 
 
+def pair_images(cfg, data, seed):
+    n = cfg["pairs_per_epoch"] or 2 * sum(len(v) for v in data.people.values())
+    return ds.PairDataset(ds.sample_pairs(data.people, n, seed), data.bank, data.transform)
+
+
+def labelled_images(data, paths):
+    return ds.ImageDataset(paths, [data.labels[p.parent.name] for p in paths], data.bank,
+                           data.transform)
+
+
+def people_loader(cfg, data, seed, rank, world, common):
+    """P people x K images batches; batch_size is global, as for the other kinds: each rank
+    takes its share of people."""
+    batches = ds.identity_batches(data.people, max(cfg["per_person"] * 2,
+                                                   cfg["batch_size"] // world),
+                                  cfg["per_person"], seed)
+    batches = batches[:len(batches) // world * world]
+    images = labelled_images(data, [p for b in batches for p in b])
+    size = len(batches[0]) if batches else 1
+    blocks = [list(range(i * size, (i + 1) * size)) for i in range(rank, len(batches), world)]
+    return DataLoader(images, batch_sampler=blocks, **common)
+
+
 def epoch_loader(cfg, data, epoch, rank, world):
-    """This epoch's data, re-drawn from the seed: random pairs (bce, contrastive), all images
-    (arcface) or P people x K images batches (triplet)."""
-    seed, train = cfg["seed"] * 1000 + epoch, data.people
+    """This epoch's data, re-drawn from the seed, of the kind the loss declares
+    (losses.BATCHES): random pairs, P x K people batches, or every image with its identity."""
+    seed, kind = cfg["seed"] * 1000 + epoch, losses.LOSSES[cfg["loss"]].batches
     common = dict(num_workers=cfg["num_workers"], persistent_workers=False,
                   generator=torch.Generator().manual_seed(seed))
-    if cfg["loss"] in ("bce", "contrastive"):
-        n = cfg["pairs_per_epoch"] or 2 * sum(len(v) for v in train.values())
-        images = ds.PairDataset(ds.sample_pairs(train, n, seed), data.bank, data.transform)
-    elif cfg["loss"] == "arcface":
-        paths = [p for n in sorted(train) for p in train[n]]
-        images = ds.ImageDataset(paths, [data.labels[p.parent.name] for p in paths], data.bank,
-                                 data.transform)
-    else:
-        # batch_size is global, as for the other losses: each rank takes its share of people.
-        batches = ds.identity_batches(train, max(cfg["per_person"] * 2, cfg["batch_size"] // world),
-                                      cfg["per_person"], seed)
-        batches = batches[:len(batches) // world * world]
-        paths = [p for b in batches for p in b]
-        images = ds.ImageDataset(paths, [data.labels[p.parent.name] for p in paths], data.bank,
-                                 data.transform)
-        size = len(batches[0]) if batches else 1
-        blocks = [list(range(i * size, (i + 1) * size)) for i in range(rank, len(batches), world)]
-        return DataLoader(images, batch_sampler=blocks, **common)
+    if kind == "people":
+        return people_loader(cfg, data, seed, rank, world, common)
+    images = pair_images(cfg, data, seed) if kind == "pairs" else \
+        labelled_images(data, [p for n in sorted(data.people) for p in data.people[n]])
     sampler = DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg["seed"], drop_last=True)
     sampler.set_epoch(epoch)
@@ -308,7 +311,8 @@ def epoch_loader(cfg, data, epoch, rank, world):
 
 
 def unpack(batch, loss):
-    if loss in ("bce", "contrastive"):
+    """(x1, x2, y) of a batch: x2 is None but for pair batches."""
+    if losses.LOSSES[loss].batches == "pairs":
         return batch
     x, y = batch
     return x, None, y
@@ -318,21 +322,25 @@ def unpack(batch, loss):
 
 @torch.no_grad()
 def validate(net, cfg, val_pairs, bank, device):
-    """Metrics on validation pairs, scored as evaluate.py scores (model.score_pairs)."""
+    """Metrics on validation pairs, scored as evaluate.py scores (model.score_pairs), and the
+    run's own loss on the validation people. Its validation_loss needs no trained parameter
+    of the loss (validation people have no ArcFace centres), so one is built from cfg, under
+    fork_rng: its unused centres' initialisation must not move the training run's random
+    stream, or a run's later epochs would depend on how often it validates."""
     net.eval()
     out = score_pairs(net, val_pairs, lambda paths: torch.stack([bank[p] for p in paths]),
                       cfg["batch_size"], device, amp=cfg["mixed_precision"])
     s = out["scores"]
     y = np.array([label for _, _, label in val_pairs], dtype=int)
-    if cfg["loss"] == "bce":
-        loss = bce_loss(torch.from_numpy(s), torch.from_numpy(y))
-    else:  # embedding losses: the contrastive loss of the pairs, the same geometry pairwise
-        e = out["embeddings"].float()
-        loss = contrastive_loss(e[out["a"]], e[out["b"]], torch.from_numpy(y), cfg["distance"],
-                                cfg["margin"])
+    names = {name: i for i, name in enumerate(sorted({p.parent.name for p in out["paths"]}))}
+    ids = torch.tensor([names[p.parent.name] for p in out["paths"]], dtype=torch.long)
+    with torch.random.fork_rng(devices=[]):
+        loss = losses.build_loss(cfg, out["embeddings"].shape[1], 1)
+    value = loss.validation_loss(torch.from_numpy(s), out["embeddings"].float(), out["a"],
+                                 out["b"], torch.from_numpy(y), ids)
     threshold = metrics.best_threshold(s, y)
     row = metrics.threshold_metrics(s, y, threshold)
-    row.update(auc=metrics.roc_auc(s, y), loss=float(loss))
+    row.update(auc=metrics.roc_auc(s, y), loss=float(value))
     net.train()
     return row
 
@@ -348,7 +356,7 @@ def checkpoint(run, row):
     the network and its input faces, and what it was validated at."""
     cfg = run.cfg
     return {"model": {k: v.detach().cpu() for k, v in eval_net(run).state_dict().items()},
-            "model_config": asdict(ModelConfig.from_dict(cfg)), "crop": run.data.crop,
+            "model_config": ModelConfig.from_dict(cfg).to_dict(), "crop": run.data.crop,
             "config": cfg, "epoch": run.state["epoch"], "step": run.state["step"],
             "metrics": row, "threshold": row["threshold"],
             "train_people": sorted(run.data.people) + list(run.data.split["val_people"]),
@@ -516,6 +524,8 @@ def start_records(run):
          "train_people": len(data.people), "train_images": data.n_train_images,
          "val_people": len(data.split["val_people"]), "val_pairs": len(data.val_pairs)},
         indent=2))
+    if data.split["test_pairs"] is not None:  # a random split's people exist only in this run
+        pairs.write_csv(run.run_dir / TEST_PAIRS, data.split["test_pairs"], root=cfg["data_dir"])
     run.writer = SummaryWriter(run.run_dir, purge_step=run.state["step"] if cfg["resume"] else None)
     if cfg["resume"]:
         reconcile_records(run)
@@ -531,29 +541,29 @@ def start_records(run):
 # ------------------------------------------------------------------ one epoch
 
 def train_one_epoch(run, budget, snapshots):
-    """Train until the epoch's data or the budget runs out. Returns (losses, images seen,
+    """Train until the epoch's data or the budget runs out. Returns (step_losses, images seen,
     whether the budget ended it)."""
     cfg, state = run.cfg, run.state
     loader = epoch_loader(cfg, run.data, state["epoch"], run.rank, run.world)
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg['epochs']}",
                disable=not run.main, leave=False, unit="batch")
-    losses, seen = [], 0
+    step_losses, seen = [], 0
     for batch in bar:
         progress, out_of_time = broadcast([budget.progress(state["step"]),
                                            float(budget.expired(state["step"]))], run.device)
         if out_of_time:
-            return losses, seen, True
+            return step_losses, seen, True
         for g in run.optimizer.param_groups:
             g["lr"] = cfg["lr"] * lr_factor(cfg, progress, state["step"], run.steps_per_epoch)
         loss, images = train_step(run, batch)
         state["step"] += 1
         if run.main and snapshots and budget.minutes() >= snapshots[0]:
             save_snapshot(run, budget, snapshots.pop(0))
-        losses.append(loss.item())
+        step_losses.append(loss.item())
         seen += images * run.world
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
+        bar.set_postfix(loss=f"{np.mean(step_losses[-20:]):.4f}",
                         lr=f"{run.optimizer.param_groups[0]['lr']:.1e}")
-    return losses, seen, False
+    return step_losses, seen, False
 
 
 def train_step(run, batch, times=None):
@@ -607,12 +617,16 @@ def improved(name, value, best):
     return best is None or (value < best if name == "loss" else value > best)
 
 
-def evaluate_epoch(run, losses, images_per_s):
+def evaluate_epoch(run, step_losses, images_per_s):
     """Validate, update the bests and the early-stopping count; returns the pending records."""
     cfg, state = run.cfg, run.state
+    if not np.isfinite(step_losses).all():  # else sklearn fails on NaN scores, naming nothing
+        raise SystemExit(f"error: training diverged: the loss became {np.mean(step_losses)} in "
+                         f"epoch {state['epoch']}; lower --lr (now {cfg['lr']:g}) or use "
+                         f"another loss; {run.run_dir}/best_*.pt of earlier epochs are kept")
     row = validate(eval_net(run), cfg, run.data.val_pairs, run.data.bank, run.device)
     row.update(epoch=state["epoch"], step=state["step"], minutes=state["minutes"],
-               lr=run.optimizer.param_groups[0]["lr"], train_loss=float(np.mean(losses)),
+               lr=run.optimizer.param_groups[0]["lr"], train_loss=float(np.mean(step_losses)),
                images_per_s=images_per_s)
     better = [name for name in METRICS if improved(name, row[name], state["best"].get(name))]
     state["best"].update({name: row[name] for name in better})
@@ -624,7 +638,7 @@ def evaluate_epoch(run, losses, images_per_s):
     return {"row": row, "improved": better}
 
 
-def end_epoch(run, budget, losses, images_per_s, steps, cut_short):
+def end_epoch(run, budget, step_losses, images_per_s, steps, cut_short):
     """Close an epoch. An epoch the budget cut short counts as one (a resumed run starts the
     next with fresh data); one the budget ended before its first step does not. Evaluate when
     due, save last.pt, then write the records from it. Returns (stop early, evaluated)."""
@@ -634,14 +648,14 @@ def end_epoch(run, budget, losses, images_per_s, steps, cut_short):
     state["minutes"] = budget.minutes()
     due = state["epoch"] % cfg["calc_metrics_interval"] == 0 or \
         state["epoch"] == cfg["epochs"] or cut_short
-    state["pending"] = evaluate_epoch(run, losses, images_per_s) \
-        if run.main and losses and due else None
+    state["pending"] = evaluate_epoch(run, step_losses, images_per_s) \
+        if run.main and step_losses and due else None
     stop = float(run.main and state["bad_evals"] >= cfg["patience"])
     if run.main:
         save_last(run)
         if state["pending"]:
             write_records(run, state["pending"])
-    return broadcast([stop], run.device)[0] > 0, bool(losses and due)
+    return broadcast([stop], run.device)[0] > 0, bool(step_losses and due)
 
 
 # ------------------------------------------------------------------ the run
@@ -653,17 +667,17 @@ def train(cfg):
                     state["step"])
     snapshots = sorted(float(x) for x in str(cfg["snapshot_minutes"]).split(",") if x.strip())
     snapshots = [x for x in snapshots if x > state["minutes"]]
-    losses, seen, t0, stopped = [], 0, time.time(), False
+    step_losses, seen, t0, stopped = [], 0, time.time(), False
     run.model.train()
     try:
         while state["epoch"] < cfg["epochs"] and not stopped:
             epoch_losses, epoch_seen, cut_short = train_one_epoch(run, budget, snapshots)
-            losses, seen = losses + epoch_losses, seen + epoch_seen
-            stopped, evaluated = end_epoch(run, budget, losses, seen / (time.time() - t0),
+            step_losses, seen = step_losses + epoch_losses, seen + epoch_seen
+            stopped, evaluated = end_epoch(run, budget, step_losses, seen / (time.time() - t0),
                                            len(epoch_losses), cut_short)
             stopped |= cut_short
             if evaluated:
-                losses, seen, t0 = [], 0, time.time()
+                step_losses, seen, t0 = [], 0, time.time()
     except KeyboardInterrupt:
         if run.main:
             held = f"{run.run_dir}/last.pt holds the end of epoch {run.saved_epoch}. Continue " \

@@ -1,3 +1,4 @@
+import os
 import random
 from pathlib import Path
 
@@ -230,3 +231,24 @@ def test_view2_fold_out_of_range_is_a_clear_error(tmp_path):
     (tmp_path / "people.txt").write_text("2\n1\nA\t2\n1\nB\t2\n")
     with pytest.raises(ds.ProtocolError, match=r"people.txt: has folds 0-1, not 10"):
         ds.make_split(tmp_path / "images", tmp_path, split="view2", fold=10)
+
+
+def test_one_rule_for_what_counts_as_a_persons_photo(tmp_path):
+    """Hidden folders and files, loose files, other suffixes and empty folders are no one's
+    photos; a linked person folder is followed. Training and the crop read the same people."""
+    import crop_dataset_to_faces as crop
+    write_people(tmp_path / "images", {"Ann_A": 2, "Bob_B": 1})
+    images = tmp_path / "images"
+    write_people(tmp_path / "elsewhere", {"Cy_C": 1})
+    os.symlink(tmp_path / "elsewhere" / "Cy_C", images / "Cy_C", target_is_directory=True)
+    (images / ".ipynb_checkpoints").mkdir()
+    (images / ".ipynb_checkpoints" / "x.jpg").write_bytes(b"")
+    (images / "Ann_A" / "._Ann_A_0001.jpg").write_bytes(b"")  # macOS metadata, not a photo
+    (images / "Ann_A" / "notes.txt").write_text("hi")
+    (images / "Empty").mkdir()
+    (images / "loose.jpg").write_bytes(b"")
+    want = {"Ann_A": ["Ann_A_0001.jpg", "Ann_A_0002.jpg"], "Bob_B": ["Bob_B_0001.jpg"],
+            "Cy_C": ["Cy_C_0001.jpg"]}
+    got = ds.read_identities(images)
+    assert {k: [p.name for p in v] for k, v in got.items()} == want
+    assert crop.find_images(images) == [p for v in got.values() for p in v]

@@ -5,27 +5,38 @@ from pathlib import Path
 
 import trainer
 import trainer2
-import training
+import recipes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def recipe_table():
-    """{name: (trainer2 default, trainer default)} from RECIPE.md's hyperparameter table."""
+def test_recipe_table_is_made_from_the_code():
+    """RECIPE.md's hyperparameter table is recipes.markdown_table(): `python recipes.py`."""
+    text = (ROOT / "RECIPE.md").read_text()
+    start, end = recipes.MARKERS
+    assert text.count(start) == text.count(end) == 1
+    table = text.split(start)[1].split(end)[0].strip()
+    assert table == recipes.markdown_table(), "RECIPE.md is stale: run python recipes.py"
+
+
+def test_the_table_has_every_name_with_both_trainers_values():
+    t2, t1 = recipes.defaults_of(vars(trainer2)), recipes.defaults_of(vars(trainer))
     rows = {}
-    for line in (ROOT / "RECIPE.md").read_text().splitlines():
-        m = re.match(r"^\| `(\w+)` \| `(.+?)` \| `(.+?)` \|", line)
-        if m:
-            rows[m.group(1)] = (ast.literal_eval(m.group(2)), ast.literal_eval(m.group(3)))
-    return rows
+    for line in recipes.markdown_table().splitlines()[2:]:
+        found = re.match(r"^\| `(\w+)` \| `(.+?)` \| `(.+?)` \| (.*) \|$", line)
+        rows[found.group(1)] = (ast.literal_eval(found.group(2)), ast.literal_eval(found.group(3)))
+        assert found.group(4), f"{found.group(1)} has no meaning"
+    assert set(rows) == set(t2) == set(t1)
+    assert all(rows[k] == (t2[k], t1[k]) for k in rows)
+    assert rows["lr"] == (0.1, 1e-4) and rows["arc_margin"] == (0.5, 0.5)
 
 
-def test_recipe_table_matches_both_trainers():
-    table = recipe_table()
-    t2, t1 = training.hyperparameters(vars(trainer2)), training.hyperparameters(vars(trainer))
-    assert set(table) == set(t2), set(table) ^ set(t2)
-    for name, (v2, v1) in table.items():
-        assert (v2, v1) == (t2[name], t1[name]), name
+def test_trainer2_lists_only_what_differs_from_trainer():
+    """nanoGPT's override pattern: every assignment in trainer2.py changes trainer.py's value."""
+    base = recipes.defaults_of(vars(trainer))
+    tree = ast.parse((ROOT / "trainer2.py").read_text())
+    names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
+    assert names and all(getattr(trainer2, n) != base[n] for n in names), names
 
 
 def test_readme_quick_start_and_ci_use_the_make_targets():

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torchvision
 
+import backbones
+import losses
 import model as m
 
 BASE = {"model": "compact", "image_size": 64, "embedding_dim": 32, "loss": "bce",
@@ -14,7 +16,7 @@ BASE = {"model": "compact", "image_size": 64, "embedding_dim": 32, "loss": "bce"
 
 @pytest.mark.parametrize("size", [105, 84])
 def test_kochnet_works_at_two_input_sizes(size):
-    net = m.KochNet(size)
+    net = backbones.KochNet(size)
     out = net(torch.randn(2, 3, size, size))
     assert out.shape == (2, 4096) and ((out > 0) & (out < 1)).all()  # sigmoid layer
     assert net.fc[0].in_features == net.features(torch.zeros(1, 3, size, size)).shape[1]
@@ -32,14 +34,14 @@ def test_every_model_and_loss_gives_shapes_and_gradients(name, loss, distance):
     y = torch.tensor([1.0, 0.0, 1.0, 0.0])
     ids = torch.tensor([0, 0, 1, 1])
     if loss == "bce":
-        out = m.bce_loss(net(x1, x2), y)
+        out = losses.bce_loss(net(x1, x2), y)
     elif loss == "contrastive":
         e1, e2 = net(torch.cat([x1, x2])).chunk(2)
-        out = m.contrastive_loss(e1, e2, y, distance)
+        out = losses.contrastive_loss(e1, e2, y, distance)
     elif loss == "triplet":
-        out = m.batch_hard_triplet_loss(net(x1), ids, distance, margin=0.2)
+        out = losses.batch_hard_triplet_loss(net(x1), ids, distance, margin=0.2)
     else:
-        out = m.ArcFace(net.backbone.out_dim, 2)(net(x1), ids)
+        out = arcface(net.backbone.out_dim, 2).embedding_loss(net(x1), ids)
     assert out.ndim == 0 and torch.isfinite(out)
     out.backward()
     grads = [p.grad for p in net.backbone.parameters()]
@@ -49,7 +51,7 @@ def test_every_model_and_loss_gives_shapes_and_gradients(name, loss, distance):
 
 def test_kochnet_too_small_input_is_a_clear_error():
     with pytest.raises(ValueError, match="image_size=40 is too small for KochNet"):
-        m.KochNet(40)
+        backbones.KochNet(40)
 
 
 def test_pair_scores_from_cached_embeddings_equal_forward():
@@ -72,7 +74,7 @@ def test_embedding_losses_score_by_distance():
 def test_contrastive_loss_by_hand():
     e1, e2 = torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.3, 0.0], [0.4, 0.0]])
     # same pair at L1 distance 0.3 -> 0.09; different pair at 0.4 with margin 1 -> 0.36
-    got = m.contrastive_loss(e1, e2, torch.tensor([1, 0]), "l1", margin=1.0)
+    got = losses.contrastive_loss(e1, e2, torch.tensor([1, 0]), "l1", margin=1.0)
     assert got.item() == pytest.approx((0.09 + 0.36) / 2)
 
 
@@ -81,22 +83,26 @@ def test_batch_hard_triplet_picks_hardest_positive_and_negative():
     ids = torch.tensor([0, 0, 1, 1])
     # anchor 0: hardest pos 1.0, nearest neg 1.5 -> relu(1 - 1.5 + 1) = 0.5
     # anchor 1: pos 1.0, neg 0.5 -> 1.5; anchor 2: pos 1.5, neg 2.0 -> 0.5; anchor 3: pos 1.5, neg 0.5 -> 2.0
-    got = m.batch_hard_triplet_loss(e, ids, "l1", margin=1.0)
+    got = losses.batch_hard_triplet_loss(e, ids, "l1", margin=1.0)
     assert got.item() == pytest.approx((0.5 + 1.5 + 0.5 + 2.0) / 4)
 
 
+def arcface(out_dim, n_classes, scale=32.0, margin=0.5, cos_margin=0.0, label_smoothing=0.0):
+    return losses.ArcFace(out_dim, n_classes, "cosine", margin, scale, cos_margin, label_smoothing)
+
+
 def test_arcface_margin_makes_the_true_class_harder():
-    head = m.ArcFace(4, 3, scale=10.0, margin=0.5)
+    head = arcface(4, 3, scale=10.0, margin=0.5)
     e, ids = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    no_margin = m.ArcFace(4, 3, scale=10.0, margin=0.0)
+    no_margin = arcface(4, 3, scale=10.0, margin=0.0)
     no_margin.weight.data.copy_(head.weight.data)
-    assert head(e, ids) > no_margin(e, ids)
+    assert head.embedding_loss(e, ids) > no_margin.embedding_loss(e, ids)
 
 
-def arcface_on_angles(thetas, margin, scale):
+def arcface_on_angles(thetas, margin, scale, label_smoothing=0.0):
     """An ArcFace head over two classes with centres (1, 0) and (0, 1), and one embedding per
     angle theta from class 0's centre (class 1's cosine is then sin(theta)); all of class 0."""
-    head = m.ArcFace(2, 2, scale=scale, margin=margin)
+    head = arcface(2, 2, scale=scale, margin=margin, label_smoothing=label_smoothing)
     head.weight.data.copy_(torch.eye(2))
     thetas = torch.tensor(thetas, dtype=torch.float64)
     e = torch.stack([thetas.cos(), thetas.sin()], 1).float()
@@ -118,10 +124,10 @@ def test_arcface_past_pi_minus_margin_falls_back_to_a_cosface_shift(theta):
     target = math.cos(theta) - margin * math.sin(margin)
     assert theta + margin >= math.pi and target < math.cos(theta) < math.cos(theta + margin)
     want = arcface_loss_by_hand(target, math.sin(theta), scale)
-    assert head(e, ids).item() == pytest.approx(want, rel=1e-5)
+    assert head.embedding_loss(e, ids).item() == pytest.approx(want, rel=1e-5)
     # Not the bent-back value the formula without the fallback gives.
     bent = arcface_loss_by_hand(math.cos(theta + margin), math.sin(theta), scale)
-    assert head(e, ids).item() != pytest.approx(bent, rel=1e-3)
+    assert head.embedding_loss(e, ids).item() != pytest.approx(bent, rel=1e-3)
 
 
 def test_arcface_picks_the_branch_per_sample():
@@ -131,7 +137,7 @@ def test_arcface_picks_the_branch_per_sample():
     head, e, ids = arcface_on_angles([1.0, 3.0], margin, scale)
     inside = arcface_loss_by_hand(math.cos(1.0 + margin), math.sin(1.0), scale)
     past = arcface_loss_by_hand(math.cos(3.0) - margin * math.sin(margin), math.sin(3.0), scale)
-    assert head(e, ids).item() == pytest.approx((inside + past) / 2, rel=1e-5)
+    assert head.embedding_loss(e, ids).item() == pytest.approx((inside + past) / 2, rel=1e-5)
     # Label smoothing eps mixes in the mean over classes of -log p: by hand for the pair.
     eps = 0.2
     def smoothed(t, o):
@@ -140,7 +146,8 @@ def test_arcface_picks_the_branch_per_sample():
         return -(1 - eps) * lp_true - eps * (lp_true + lp_other) / 2
     want = (smoothed(math.cos(1.0 + margin), math.sin(1.0))
             + smoothed(math.cos(3.0) - margin * math.sin(margin), math.sin(3.0))) / 2
-    assert head(e, ids, label_smoothing=eps).item() == pytest.approx(want, rel=1e-5)
+    smooth, e, ids = arcface_on_angles([1.0, 3.0], margin, scale, label_smoothing=eps)
+    assert smooth.embedding_loss(e, ids).item() == pytest.approx(want, rel=1e-5)
 
 
 def test_embed_images_with_flip_sums_both_views():
@@ -204,7 +211,7 @@ def test_missing_pretrained_weights_give_one_clear_line(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    with pytest.raises(m.PretrainedWeightsMissing) as e:
+    with pytest.raises(backbones.PretrainedWeightsMissing) as e:
         m.build_model(resnext_cfg(), pretrained=True)
     text = str(e.value)
     assert "\n" not in text and "resnext50_32x4d-1a0047aa.pth" in text
@@ -213,33 +220,34 @@ def test_missing_pretrained_weights_give_one_clear_line(tmp_path, monkeypatch):
 
 def test_width_scales_koch_and_compact_and_old_configs_keep_their_own():
     build_model, ModelConfig = m.build_model, m.ModelConfig
-    narrow = build_model(ModelConfig(width=16))
-    default = build_model(ModelConfig.from_dict({"model": "compact"}))  # a config from before
+    general = {"model": "compact", "image_size": 112, "loss": "arcface", "distance": "cosine",
+               "init": "kaiming"}
+    narrow = build_model(ModelConfig.from_dict({**general, "width": 16}))
+    default = build_model(ModelConfig.from_dict(general))  # a config from before width
     convs = [m.out_channels for m in default.backbone.features if isinstance(m, torch.nn.Conv2d)]
     assert convs[0] == 32
     n = lambda net: sum(p.numel() for p in net.parameters())
     assert n(narrow) < n(default) / 3
     assert narrow(torch.zeros(2, 3, 112, 112)).shape == (2, 256)
-    koch = build_model(ModelConfig(model="koch", loss="bce", distance="l1", image_size=105))
-    small = build_model(ModelConfig(model="koch", loss="bce", distance="l1", image_size=105,
-                                    width=32, p=0.5))
+    koch_cfg = {**general, "model": "koch", "loss": "bce", "distance": "l1", "image_size": 105}
+    koch = build_model(koch_cfg)
+    small = build_model({**koch_cfg, "width": 32, "p": 0.5})
     assert koch.backbone.out_dim == 4096 and small.backbone.out_dim == 2048  # the paper's 4096
     assert koch.backbone.features[0].out_channels == 64 and n(small) < n(koch) / 3
     assert any(isinstance(x, torch.nn.Dropout) and x.p == 0.5 for x in small.modules())
     with pytest.raises(ValueError, match="width"):
-        ModelConfig(width=-1)
+        ModelConfig.from_dict({**general, "width": -1})
 
 
 def test_cos_margin_subtracts_from_the_true_class_cosine_only():
-    ArcFace = m.ArcFace
     torch.manual_seed(0)
-    head = ArcFace(8, 5, scale=10.0, margin=0.0, cos_margin=0.35)
+    head = arcface(8, 5, scale=10.0, margin=0.0, cos_margin=0.35)
     e, ids = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
     cos = torch.nn.functional.linear(torch.nn.functional.normalize(e),
                                      torch.nn.functional.normalize(head.weight))
     expected = torch.nn.functional.cross_entropy(
         10.0 * (cos - 0.35 * torch.nn.functional.one_hot(ids, 5)), ids)
-    assert torch.allclose(head(e, ids), expected, atol=1e-4)
-    plain = ArcFace(8, 5, scale=10.0, margin=0.0)
+    assert torch.allclose(head.embedding_loss(e, ids), expected, atol=1e-4)
+    plain = arcface(8, 5, scale=10.0, margin=0.0)
     plain.weight.data.copy_(head.weight.data)
-    assert head(e, ids) > plain(e, ids)  # a margin makes the task harder
+    assert head.embedding_loss(e, ids) > plain.embedding_loss(e, ids)  # a margin: harder

@@ -12,6 +12,7 @@ import torch
 
 import dataset as ds
 import model as m
+import recipes
 import training
 import trainer2
 from conftest import tiny_args, write_people, write_view1_protocol
@@ -47,7 +48,7 @@ def test_overrides_are_type_checked():
 
 
 def test_trainer_files_expose_every_hyperparameter():
-    names = set(training.hyperparameters(vars(trainer2)))
+    names = set(recipes.defaults_of(vars(trainer2)))
     old = {"epochs", "batch_size", "num_workers", "lr", "lr_scheduler_on", "gamma", "step_size",
            "weight_decay", "mixed_precision", "patience", "calc_metrics_interval",
            "slice_of_data", "early_stopping_metric", "init", "cos", "p", "model", "optimizer"}
@@ -55,12 +56,12 @@ def test_trainer_files_expose_every_hyperparameter():
            "max_minutes", "resume"}
     assert old | new <= names
     import trainer
-    assert set(training.hyperparameters(vars(trainer))) == names
+    assert set(recipes.defaults_of(vars(trainer))) == names
 
 
 def test_bad_choice_is_rejected():
     with pytest.raises(SystemExit, match="loss='hinge' is not one of"):
-        training.check_config({**training.hyperparameters(vars(trainer2)), "loss": "hinge"})
+        training.check_config({**recipes.defaults_of(vars(trainer2)), "loss": "hinge"})
 
 
 # ---------------------------------------------------------------- learning-rate schedule
@@ -188,7 +189,8 @@ def test_time_budget_ends_with_a_final_evaluation(synthetic_lfw, tmp_path, capsy
 def test_other_losses_train(synthetic_lfw, tmp_path, loss):
     run_dir = tmp_path / loss
     args = tiny_args(synthetic_lfw, run_dir, epochs=1, loss=loss, pairs_per_epoch=64,
-                     distance="l1" if loss != "triplet" else "cosine", margin=0.5)
+                     distance="l1" if loss != "triplet" else "cosine",
+                     contrastive_margin=0.5, triplet_margin=0.5)
     assert training.main(vars(trainer2), args) == 0
     assert len(rows(run_dir)) == 1
 
@@ -259,3 +261,43 @@ def test_run_name_with_a_folder_is_a_path(synthetic_lfw, tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "mine" / "last.pt").is_file()
     assert training.main(vars(trainer2), tiny_args(synthetic_lfw, "plain", epochs=1)) == 0
     assert (tmp_path / "logs" / "plain" / "last.pt").is_file()
+
+
+# ---------------------------------------------------------------- datasets beyond LFW's files
+
+def test_view1_training_needs_no_test_protocol_file(synthetic_lfw, tmp_path):
+    """Training never reads the test pairs, so a View 1 run with peopleDevTrain.txt alone
+    trains (it used to stop at the missing pairsDevTest.txt)."""
+    (synthetic_lfw / "pairsDevTest.txt").unlink()
+    run_dir = tmp_path / "run"
+    assert training.main(vars(trainer2), tiny_args(synthetic_lfw, run_dir, epochs=1)) == 0
+    assert (run_dir / "best_accuracy.pt").is_file() and not (run_dir / training.TEST_PAIRS).exists()
+
+
+def test_random_split_writes_its_test_pairs(tmp_path):
+    """A plain <person>/<image> folder (no protocol file) trains with --split=random, and its
+    held-out pairs are kept in the run folder for evaluate.py: pairs of people the run never
+    trained or validated on, read back by pairs.read_csv against the data folder."""
+    import pairs
+    counts = {f"person_{k:02d}": 3 + k % 3 for k in range(24)}
+    images = write_people(tmp_path / "photos", counts)
+    for path in images.rglob("*.jpg"):  # any file names, not LFW's <name>_NNNN.jpg
+        path.rename(path.with_name(f"img{path.stem[-2:]}.jpg"))
+    run_dir = tmp_path / "run"
+    args = tiny_args(tmp_path, run_dir, epochs=1, split="random", data_dir=images)
+    assert training.main(vars(trainer2), args) == 0
+    got, _ = pairs.read_pairs(run_dir / training.TEST_PAIRS, image_dir=images)
+    assert got and all(p.path_a.is_file() and p.path_b.is_file() for p in got)
+    assert {p.same for p in got} == {0, 1}
+    tested = {p.path_a.parent.name for p in got} | {p.path_b.parent.name for p in got}
+    seen = set(torch.load(run_dir / "best_accuracy.pt", weights_only=True)["train_people"])
+    assert tested and not tested & seen
+
+
+def test_a_diverged_run_says_so(synthetic_lfw, tmp_path):
+    """A learning rate that blows the loss up to NaN is one line naming the fix, not
+    sklearn's "Input contains NaN" from the validation metrics."""
+    with pytest.raises(SystemExit, match=r"training diverged: the loss became nan in epoch 1; "
+                                         r"lower --lr \(now 1e\+30\)"):
+        training.main(vars(trainer2), tiny_args(synthetic_lfw, tmp_path / "run", epochs=1,
+                                                lr=1e30, loss="contrastive", distance="l1"))

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import backbones
 import dataset as ds
 import evaluate
+import losses
 import model as m
 import training
 import trainer2
@@ -210,12 +212,12 @@ def test_early_stopping_on_real_validation_accuracy(lfw, tmp_path):
 # ---------------------------------------------------------------- arcface label smoothing
 
 def test_label_smoothing_reaches_the_arcface_loss_and_changes_it(lfw, base, monkeypatch):
-    forward, seen = m.ArcFace.forward, []
+    forward, seen = losses.ArcFace.forward, []
 
-    def spy(self, e, ids, label_smoothing=0.0):
-        seen.append(label_smoothing)
-        return forward(self, e, ids, label_smoothing)
-    monkeypatch.setattr(m.ArcFace, "forward", spy)
+    def spy(self, *a):
+        seen.append(self.label_smoothing)
+        return forward(self, *a)
+    monkeypatch.setattr(losses.ArcFace, "forward", spy)
     run_dir = lfw / "runs" / "smoothing"
     assert training.main(vars(trainer2), tiny_args(lfw, run_dir, label_smoothing=0.1)) == 0
     assert seen and set(seen) == {0.1}
@@ -290,7 +292,7 @@ def test_one_step_resnext_training(lfw, tmp_path):
     assert [int(r["step"]) for r in rows(run_dir)] == [1]
     net, ckpt = m.load_checkpoint(run_dir / "best_loss.pt")
     assert ckpt["model_config"]["model"] == "resnext"
-    assert isinstance(net.backbone, m.ResNeXtEmbedder)
+    assert isinstance(net.backbone, backbones.ResNeXtEmbedder)
     assert net.embed(torch.randn(2, 3, 32, 32)).shape == (2, net.backbone.out_dim)
 
 
@@ -311,7 +313,7 @@ VIEW2_KEYS = {
     ("test_fold", "accuracy"): NUMBER, ("test_fold", "threshold"): NUMBER, ("auc",): NUMBER,
     ("people_seen_in_training",): int,
 }
-# app.py: eval_figures, eval_label and read_evaluations (show_run -> show_evaluations).
+# demo_run.py: eval_figures, eval_label and read_evaluations (show_run -> show_evaluations).
 APP_KEYS = {
     ("kfold",): dict, ("kfold", "mean"): NUMBER, ("kfold", "stderr"): NUMBER,
     ("auc",): NUMBER, ("eer",): NUMBER, ("tar@far=1e-3",): NUMBER, ("n_pairs",): int,
@@ -346,7 +348,7 @@ def check_contract(report, out, keys):
 def test_results_json_has_every_key_benchmark_and_app_read(view2_run):
     """evaluate.py as benchmark.py runs it (the whole pairs.txt for View 1 figures and timing,
     --fold K for View 2), into its default folders, where app.py looks for them."""
-    import app
+    import demo_run
     root, run_dir, _ = view2_run
     ckpt = run_dir / "best_accuracy.pt"
     pairs = root / "pairs.txt"
@@ -361,12 +363,12 @@ def test_results_json_has_every_key_benchmark_and_app_read(view2_run):
     assert reports[whole]["contaminated"] is True
     assert reports[fold]["contaminated"] is False
     assert reports[fold]["people_seen_in_training"] == 0
-    # app.py finds both, the uncontaminated one first, and shows all four headline figures.
-    found = app.read_evaluations(run_dir, ckpt)
+    # The demo finds both, the uncontaminated one first, and shows all four headline figures.
+    found = demo_run.read_evaluations(run_dir, ckpt)
     assert [folder for folder, _ in found] == [fold, whole]
     assert [report for _, report in found] == [reports[fold], reports[whole]]
     for report in reports.values():
-        assert len(app.eval_figures(report)) == 4
+        assert len(demo_run.eval_figures(report)) == 4
 
 
 def test_a_compiled_training_step_trains_and_saves_plain_weights(tmp_path):
@@ -384,3 +386,11 @@ def test_a_compiled_training_step_trains_and_saves_plain_weights(tmp_path):
     assert not any("_orig_mod" in k for k in ckpt["model"]) and ckpt["config"]["torch_compile"]
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert not any("_orig_mod" in k for k in last["model"])
+
+
+def test_a_device_that_is_not_there_is_one_line_before_anything_is_made(tmp_path, monkeypatch):
+    import trainer2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"^error: .*cuda.*") as e:
+        training.load_config(vars(trainer2), ["--device=cuda", f"--run_name={tmp_path / 'r'}"])
+    assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
