@@ -11,10 +11,12 @@ compares two runs on those pairs: the accuracy difference with a paired bootstra
 - "holds" or "does not hold" when the interval lies on one side of 0;
 - "inconclusive" when it straddles 0, which is never rounded to a win.
 Each run is also scored on 1,000 pairs of its own training people, so that over- and
-under-fitting show. It uses benchmark.py's steps (trainer2.py and evaluate.py as
-subprocesses) and resumes where it stopped. The ResNeXt rows need ImageNet weights in the
-torch cache; without them they are listed as not run. Writes OUT/ablations.json,
-OUT/ablations.md (also into RECIPE.md between the ablations markers) and OUT/ablations.png.
+under-fitting show. Each run is a named set of overrides on a recipe of benchmark.py (the
+defaults of its trainer file) or on another run. It uses benchmark.py's steps (trainer.py or
+trainer2.py, and evaluate.py, as subprocesses) and resumes where it stopped. The ResNeXt rows
+need ImageNet weights in the torch cache; without them they are listed as not run. Writes
+OUT/ablations.json, OUT/ablations.md (also into RECIPE.md between the ablations markers) and
+OUT/ablations.png.
 """
 import argparse
 import json
@@ -26,16 +28,18 @@ from tqdm import tqdm
 
 import dataset as ds
 import metrics
+from backbones import imagenet_weights_file
 from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_dir, cpu_model,
-                         eval_cmd, metrics_rows, read_json, run_step, train_cmd, train_speed,
+                         eval_cmd, json_kind, metrics_rows, read_input_json, read_json,
+                         read_state, run_step, train_cmd, train_speed, trainer_config,
                          write_docs)
-from model import imagenet_weights_file
 from runtime import git_commit, write_atomic
 
 MINUTES = 8  # per run: 15 runs fit one ~3-hour sitting on 2 CPU cores
 
-# Every run: (recipe of benchmark.py, trainer2.py overrides, budget in multiples of --minutes).
-# {photos} is the uncropped LFW photos (DATA_ROOT/images).
+# Every run: (what it changes: a recipe of benchmark.py or another run; the overrides it adds
+# to that one's; budget in multiples of --minutes). {photos} is the uncropped LFW photos
+# (DATA_ROOT/images).
 RUNS = {
     "seed": ("seed", [], 1),
     "seed-long": ("seed", [], 3),
@@ -52,16 +56,13 @@ RUNS = {
     "best-l1": ("best", ["--distance=l1"], 1),
     "best-bce": ("best", ["--loss=bce", "--distance=l1"], 1),
     "best-contrastive": ("best", ["--loss=contrastive"], 1),
-    "best-triplet": ("best", ["--loss=triplet", "--margin=0.2"], 1),
-    "resnext": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01"], 1),
-    "resnext-head256": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01",
-                                 "--head_hidden=256"], 1),
-    "resnext-relu": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01",
-                              "--activation=relu"], 1),
-    "resnext-no-layer4": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01",
-                                   "--drop_layer4=True"], 1),
-    "resnext-dropout": ("best", ["--model=resnext", "--pretrained=True", "--lr=0.01",
-                                 "--p=0.8"], 1),
+    "best-triplet": ("best", ["--loss=triplet", "--triplet_margin=0.2"], 1),
+    # From the ImageNet weights (the trainers' pretrained=True).
+    "resnext": ("best", ["--model=resnext", "--lr=0.01"], 1),
+    "resnext-head256": ("resnext", ["--head_hidden=256"], 1),
+    "resnext-relu": ("resnext", ["--activation=relu"], 1),
+    "resnext-no-layer4": ("resnext", ["--drop_layer4=True"], 1),
+    "resnext-dropout": ("resnext", ["--p=0.8"], 1),
 }
 
 # Every row: (id, the old claim in substance, base run, variant run, what the claim expects of
@@ -137,8 +138,40 @@ def selected_rows(args):
     return rows
 
 
+def resolve(run):
+    """RUN's recipe and every override it makes on that recipe (its base run's first)."""
+    base, overrides, _ = RUNS[run]
+    if base in RECIPES:
+        return base, list(overrides)
+    recipe, inherited = resolve(base)
+    return recipe, inherited + overrides
+
+
 def needs_imagenet(run):
-    return "--pretrained=True" in RUNS[run][1]
+    """Whether RUN trains ResNeXt from its ImageNet weights (by its settings, not its text)."""
+    recipe, overrides = resolve(run)
+    cfg = trainer_config([RECIPES[recipe]["trainer"], *overrides])
+    return cfg["model"] == "resnext" and cfg["pretrained"]
+
+
+def run_folder(args, run):
+    return Path(args.logs) / f"ablation-{run}"
+
+
+def run_overrides(args, run):
+    """RUN's recipe and its overrides on it, {photos} made DATA_ROOT/images."""
+    recipe, overrides = resolve(run)
+    photos = str(Path(args.data_root) / "images")
+    return recipe, [o.replace("{photos}", photos) for o in overrides]
+
+
+def train_command(args, run):
+    """The trainer command that trains RUN: its recipe's on the View 1 split, then RUN's
+    overrides, last, so that --data_dir={photos} wins over train_cmd's crops."""
+    recipe, overrides = run_overrides(args, run)
+    extra = ["--split=view1"] + (SEED_EPOCH if recipe == "seed" else [])
+    return train_cmd(args, recipe, run_folder(args, run), args.minutes * RUNS[run][2],
+                     extra) + overrides
 
 
 def train_pairs_file(run_dir, data_dir, path):
@@ -160,18 +193,13 @@ def train_pairs_file(run_dir, data_dir, path):
 
 def run_one(args, name, state, state_path, cache):
     """Train RUN, then score its selected checkpoint on DevTest and on its training people."""
-    recipe, overrides, budget = RUNS[name]
-    photos = Path(args.data_root) / "images"
-    overrides = [o.replace("{photos}", str(photos)) for o in overrides]
-    data = photos if any(o.startswith("--data_dir=") for o in overrides) else Path(args.crops)
-    run_dir = Path(args.logs) / f"ablation-{name}"
+    recipe, overrides = run_overrides(args, name)
+    run_dir, cmd = run_folder(args, name), train_command(args, name)
+    data = Path(trainer_config(cmd)["data_dir"])  # the images it trained on: crops or photos
     step = f"{name}-train"
     if step not in state:
         claim_run_dir(run_dir, args.out)
-    extra = ["--split=view1"] + (SEED_EPOCH if recipe == "seed" else [])
-    cmd = train_cmd(args, recipe, run_dir, args.minutes * budget, extra)
-    # The overrides come last, so that --data_dir={photos} wins over train_cmd's crops.
-    run_step(step, cmd + overrides, state, state_path, cache)
+    run_step(step, cmd, state, state_path, cache)
     ckpt = run_dir / "best_accuracy.pt"
     test, train = cache / f"{name}-devtest", cache / f"{name}-train-pairs"
     run_step(f"{name}-eval", eval_cmd(args, recipe, ckpt, Path(args.data_root) / "pairsDevTest.txt",
@@ -181,7 +209,7 @@ def run_one(args, name, state, state_path, cache):
              state_path, cache)
     r, t = read_json(test / "results.json"), read_json(train / "results.json")
     rows = metrics_rows(run_dir)
-    return {"recipe": recipe, "overrides": overrides, "minutes": args.minutes * budget,
+    return {"recipe": recipe, "overrides": overrides, "minutes": args.minutes * RUNS[name][2],
             "accuracy": r["kfold"]["mean"], "stderr": r["kfold"]["stderr"], "auc": r["auc"],
             "contaminated": r["contaminated"], "train_accuracy": t["kfold"]["mean"],
             # best_accuracy.pt is the evaluation with the highest validation accuracy
@@ -215,14 +243,14 @@ def run_rows(args, rows, state, state_path, cache):
 
 
 def change(row):
-    """What the variant changes, in trainer2.py overrides relative to the base run."""
-    base, variant = RUNS[row["base"]], RUNS[row["variant"]]
-    if base[0] != variant[0]:
-        return f"{variant[0]} recipe"
-    if base[2] != variant[2]:
-        return f"{variant[2]}x the budget"
-    added = [o for o in variant[1] if o not in base[1]]
-    removed = [o for o in base[1] if o not in variant[1]]
+    """What the variant changes, in trainer overrides relative to the base run."""
+    (base_recipe, base), (recipe, variant) = resolve(row["base"]), resolve(row["variant"])
+    if base_recipe != recipe:
+        return f"{recipe} recipe"
+    if RUNS[row["base"]][2] != RUNS[row["variant"]][2]:
+        return f"{RUNS[row['variant']][2]}x the budget"
+    added = [o for o in variant if o not in base]
+    removed = [o for o in base if o not in variant]
     return ", ".join([f"`{o}`" for o in added] + [f"without `{o}`" for o in removed]) or "none"
 
 
@@ -281,6 +309,37 @@ def plot(result, path):
     plt.close(fig)
 
 
+RUN_FIGURES = ("accuracy", "auc", "train_accuracy", "val_accuracy")
+ROW_FIGURES = ("difference", "low", "high")
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def result_problem(result):
+    """What is wrong with an ablations.json for table() and plot(), or None."""
+    if not isinstance(result, dict):
+        return f"{json_kind(result)}, not an object"
+    for key, types in (("command", str), ("git_commit", str), ("machine", str),
+                       ("minutes", (int, float)), ("rows", list), ("runs", dict)):
+        if not isinstance(result.get(key), types) or isinstance(result.get(key), bool):
+            return f"{json_kind(result.get(key)) if key in result else 'nothing'} as {key}"
+    for name, run in result["runs"].items():
+        if not isinstance(run, dict) or not all(is_number(run.get(k)) for k in RUN_FIGURES):
+            return f"run {name!r} lacks a figure of {', '.join(RUN_FIGURES)}"
+    for row in result["rows"]:
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in
+                                                ("id", "claim", "verdict")):
+            return "a row without its id, claim and verdict"
+        if row.get("base") not in RUNS or row.get("variant") not in RUNS:
+            return f"row {row['id']} compares runs that ablations.py does not know"
+        ran = row["base"] in result["runs"] and row["variant"] in result["runs"]
+        if ran and not all(is_number(row.get(k)) for k in ROW_FIGURES):
+            return f"row {row['id']} lacks a figure of {', '.join(ROW_FIGURES)}"
+    return None
+
+
 def write_outputs(result, out, docs):
     text = table(result)
     write_atomic(out / "ablations.md", text)
@@ -297,21 +356,25 @@ def main(argv=None):
         if not (out / "ablations.json").is_file():
             raise SystemExit(f"error: {out}: no ablations.json to make the table from; run "
                              "python ablations.py first")
-        print(write_outputs(read_json(out / "ablations.json"), out, args.docs))
+        result = read_input_json(out / "ablations.json", result_problem,
+                                 "the results of python ablations.py",
+                                 "run python ablations.py again to rewrite it (finished steps "
+                                 "are kept in its cache)")
+        print(write_outputs(result, out, args.docs))
         return 0
     rows = selected_rows(args)
     check_dataset(args.data_root, ["ablations"])
     cache = out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
     state_path = cache / "state.json"
-    state = read_json(state_path) if state_path.exists() else {}
+    state = read_state(state_path)  # checked before any run folder is claimed
+    cache.mkdir(parents=True, exist_ok=True)
     started = time.time()
     runs, compared = run_rows(args, rows, state, state_path, cache)
     command = "python ablations.py " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
     result = {"command": command.strip(), "git_commit": git_commit(), "minutes": args.minutes,
               "machine": cpu_model(), "rows": compared, "runs": runs,
               "step_commits": sorted({s["commit"] for s in state.values()}),
-              "recipes": {name: RECIPES[name]["train"] for name in RECIPES},
+              "recipes": RECIPES,
               "wall_seconds_this_invocation": time.time() - started}
     write_atomic(out / "ablations.json", json.dumps(result, indent=2))
     print(write_outputs(result, out, args.docs))

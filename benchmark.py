@@ -7,8 +7,9 @@ training budget, and how fast each step runs.
 It reads LFW from --data-root (default dataset/, as `make data` / download_data.py leave it:
 images/ and the protocol files); only with --lfw does it first extract the archive and the
 protocol files of that folder into --data-root. It only runs the project's own scripts
-(download_data.py, crop_dataset_to_faces.py, benchmark.py --profile, trainer2.py,
-evaluate.py), each as a subprocess, and collects what they write (experiments.py). Every
+(download_data.py, crop_dataset_to_faces.py, benchmark.py --profile, trainer.py for the
+`seed` recipe and trainer2.py for `best`, evaluate.py), each as a subprocess, and collects what
+they write (experiments.py, where each recipe is its trainer's defaults). Every
 finished step is remembered in OUT/cache/state.json, so a crashed benchmark picks up where it
 stopped; crops are resumable anyway. Writes
 OUT/benchmark.json, OUT/benchmark.md (also copied into the marked sections of README.md and
@@ -29,8 +30,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_dir, cpu_model, eval_cmd,
-                         peak_rss_mb, read_json, run_step, train_cmd, train_speed, write_docs)
+from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_dir, cpu_model,
+                         eval_cmd, json_kind, peak_rss_mb, read_input_json, read_json,
+                         read_state, run_step, train_cmd, train_speed, trainer_namespace,
+                         write_docs)
 from runtime import git_commit, write_atomic
 
 SNAPSHOT_SHARES = (1 / 6, 1 / 3, 2 / 3)  # 5, 10 and 20 minutes of a 30-minute budget
@@ -401,21 +404,20 @@ def write_tables(results, out, docs):
 def profile_paths(args, rounds=3):
     """Each PATH's step breakdown, its rounds alternated so that drift on a shared machine hits
     both alike; the median round of each. Then embedding throughput, eager against compiled."""
-    import trainer2
     import training
+    trainer = trainer_namespace(RECIPES["best"]["trainer"])
     base = [f"--data_dir={args.crops}", f"--protocol_dir={args.data_root}",
             *RECIPES["best"]["train"], *args.train_args.split()]
     runs = {name: [] for name in PATHS}
     for _ in range(rounds):
         for name, extra in PATHS.items():
-            runs[name].append(training.profile(vars(trainer2), base + extra,
-                                               steps=args.profile_steps))
+            runs[name].append(training.profile(trainer, base + extra, steps=args.profile_steps))
     median = {name: sorted(r, key=lambda x: x["images_per_s"])[len(r) // 2]
               for name, r in runs.items()}
     ratio = median["new"]["images_per_s"] / median["old"]["images_per_s"]
     return {"paths": {name: {"overrides": PATHS[name], **median[name]} for name in PATHS},
             "train_speed_ratio": ratio, "rounds": rounds,
-            "embedding": training.profile_embedding(vars(trainer2), base)}
+            "embedding": training.profile_embedding(trainer, base)}
 
 
 def profile_table(p):
@@ -436,6 +438,20 @@ def profile_table(p):
     return "\n".join(lines)
 
 
+def results_problem(results):
+    """What is wrong with a benchmark.json's outline for table(), or None."""
+    if not isinstance(results, dict):
+        return f"{json_kind(results)}, not an object"
+    needs = [("view1", dict), ("view2", dict), ("speed", dict), ("machine", dict),
+             ("step_commits", list), ("command", str), ("minutes", (int, float))]
+    if results.get("view1"):
+        needs.append(("curve_minutes", list))  # the View 1 table's columns
+    for key, kind in needs:
+        if not isinstance(results.get(key), kind) or isinstance(results.get(key), bool):
+            return f"{json_kind(results.get(key)) if key in results else 'nothing'} as {key}"
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
@@ -448,7 +464,11 @@ def main(argv=None):
     if args.tables_only:
         if not (out / "benchmark.json").is_file():
             raise SystemExit(f"error: {out}: no benchmark.json to make the tables from")
-        print(write_tables(read_json(out / "benchmark.json"), out, args.docs))
+        results = read_input_json(out / "benchmark.json", results_problem,
+                                  "the results of python benchmark.py",
+                                  "run python benchmark.py again to rewrite it (finished "
+                                  "steps are kept in its cache)")
+        print(write_tables(results, out, args.docs))
         return 0
     recipes = check_recipes(args)
     protocols = ["view1", "view2"] if args.protocol == "all" else [args.protocol]
@@ -457,9 +477,9 @@ def main(argv=None):
     if archive is None:
         check_dataset(args.data_root, protocols)
     cache = out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
     state_path = cache / "state.json"
-    state = read_json(state_path) if state_path.exists() else {}
+    state = read_state(state_path)  # checked before any run folder is claimed
+    cache.mkdir(parents=True, exist_ok=True)
     started, commit = time.time(), git_commit()  # the code that produced the numbers
 
     crop_speed = prepare_data(args, archive, protocols, state, state_path, cache)

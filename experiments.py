@@ -1,8 +1,10 @@
 """Running the project's own scripts as resumable steps: what benchmark.py and ablations.py
-share. Each step is a subprocess (trainer2.py, evaluate.py, ...) whose log goes to a file;
-every finished step is remembered in a state file, so a killed run picks up where it stopped.
+share. Each step is a subprocess (trainer.py, trainer2.py, evaluate.py, ...) whose log goes
+to a file; every finished step is remembered in a state file under its step name (never its
+command line), so a killed run picks up where it stopped.
 """
 import csv
+import importlib
 import json
 import platform
 import re
@@ -15,20 +17,24 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import git_commit, write_atomic
+import trainer2
+import training
+from runtime import error_line, git_commit, write_atomic
 
 HERE = Path(__file__).resolve().parent
-# Each recipe: trainer2.py overrides, evaluate.py flags, and the share of the budget that each
-# View 2 fold trains for.
+# Each recipe: the trainer file whose defaults it runs, its overrides on them (none: each recipe
+# is its trainer's defaults, run on the face crops), evaluate.py flags, and the share of the
+# budget that each View 2 fold trains for.
 RECIPES = {
-    # The paper's recipe as the old project meant to run it, its bugs fixed.
-    "seed": {"train": ["--model=koch", "--loss=bce", "--distance=l1", "--optimizer=adam",
-                       "--lr=1e-4", "--weight_decay=0.0", "--image_size=105", "--init=koch",
-                       "--batch_size=64", "--augment_p=0.5"],
-             "eval": [], "fold_share": 0.1},
+    # trainer.py's defaults: the paper's recipe as the old project meant to run it, bugs fixed.
+    "seed": {"trainer": "trainer.py", "train": [], "eval": [], "fold_share": 0.1},
     # trainer2.py's defaults, with flip test-time augmentation.
-    "best": {"train": [], "eval": ["--flip"], "fold_share": 0.2},
+    "best": {"trainer": "trainer2.py", "train": [], "eval": ["--flip"], "fold_share": 0.2},
 }
+# What every recipe's run sets, so that its time budget ends it: no epoch count comes first, and
+# every recipe waits trainer2.py's patience for a better validation score (trainer.py's is
+# meant for a 30-epoch run).
+BUDGET = ["--epochs=100000", f"--patience={trainer2.patience}"]
 
 
 def add_step_arguments(p, what):
@@ -42,7 +48,8 @@ def add_step_arguments(p, what):
     p.add_argument("--docs", default=str(HERE),
                    help=f"folder whose {what} get the table ('' for none)")
     p.add_argument("--train-args", default="",
-                   help="extra trainer2.py overrides for every run (for quick trials)")
+                   help="extra trainer overrides (--name=value) for every run (for quick "
+                        "trials)")
 
 
 def run_step(name, cmd, state, state_path, log_dir):
@@ -80,14 +87,25 @@ def claim_run_dir(run_dir, out):
 
 
 def train_cmd(args, recipe, run_dir, minutes, extra, snapshots=()):
-    """trainer2.py with RECIPE's overrides, then EXTRA, then --train-args; SNAPSHOTS are
-    shares of the budget at which to save snapshot_<m>min.pt too."""
+    """RECIPE's trainer with its overrides, then EXTRA, then --train-args; SNAPSHOTS are shares
+    of the budget at which to save snapshot_<m>min.pt too."""
     shares = ",".join(f"{minutes * s:g}" for s in snapshots)
-    return ["trainer2.py", f"--data_dir={args.crops}", f"--protocol_dir={args.data_root}",
-            # An absolute run_name: trainer2.py puts a bare name under logs/ itself.
-            f"--max_minutes={minutes:g}", "--epochs=100000", f"--run_name={Path(run_dir).resolve()}",
-            f"--snapshot_minutes={shares}", *RECIPES[recipe]["train"], *extra,
-            *args.train_args.split()]
+    return [RECIPES[recipe]["trainer"], f"--data_dir={args.crops}",
+            f"--protocol_dir={args.data_root}", f"--max_minutes={minutes:g}", *BUDGET,
+            # An absolute run_name: a trainer puts a bare name under logs/ itself.
+            f"--run_name={Path(run_dir).resolve()}", f"--snapshot_minutes={shares}",
+            *RECIPES[recipe]["train"], *extra, *args.train_args.split()]
+
+
+def trainer_namespace(script):
+    """The globals of a trainer file (trainer.py, trainer2.py): its hyperparameters' defaults."""
+    return vars(importlib.import_module(Path(script).stem))
+
+
+def trainer_config(cmd):
+    """The settings that a trainer command such as train_cmd's trains with, as training reads
+    them: the trainer file's defaults, then the command's --name=value overrides, checked."""
+    return training.load_config(trainer_namespace(cmd[0]), cmd[1:])
 
 
 def eval_cmd(args, recipe, ckpt, pairs, out, fold=None, data=None):
@@ -102,6 +120,64 @@ def peak_rss_mb():
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+def input_error(message):
+    """A bad input file: MESSAGE on one line, exit 2 (a usage or input error)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def json_kind(value):
+    """VALUE's type in JSON's words, for error messages."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             type(None): "null", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def read_input_json(path, problem, what, fix):
+    """PATH parsed and checked by PROBLEM (a function: the value -> what is wrong, or None)
+    before anything acts on it; one line naming the file, WHAT it should be and FIX if not."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        input_error(f"error: {path}: cannot be read as JSON ({error_line(e)}); {fix}")
+    wrong = problem(value)
+    if wrong:
+        input_error(f"error: {path}: not {what} ({wrong}); {fix}")
+    return value
+
+
+# What run_step records of a finished step; "log" is read back (the crop speed is in it), the
+# others were added over time and may be absent from an older state.
+STEP_FIELDS = {"log": (str,), "seconds": (int, float), "commit": (str,),
+               "peak_rss_mb": (int, float)}
+
+
+def state_problem(state):
+    """What is wrong with a state file's content, or None: {step name: {log, seconds, ...}}."""
+    if not isinstance(state, dict):
+        return f"{json_kind(state)}, not an object of finished steps"
+    for name, step in state.items():
+        if not isinstance(step, dict):
+            return f"step {name!r} is {json_kind(step)}, not an object"
+        if "log" not in step:
+            return f"step {name!r} has no log"
+        for key, types in STEP_FIELDS.items():
+            value = step.get(key)
+            if key in step and (isinstance(value, bool) or not isinstance(value, types)):
+                return f"step {name!r} has {json_kind(value)} as {key}"
+    return None
+
+
+def read_state(path):
+    """The finished steps remembered in PATH, {} when there is none yet. Checked before any
+    step runs: a state misread as "nothing done" would empty the finished runs' folders."""
+    if not Path(path).exists():
+        return {}
+    return read_input_json(path, state_problem, "a state file of finished steps",
+                           "restore it, or delete it to run every step again (this command's "
+                           "own run folders are then trained again); nothing was changed")
 
 
 def train_speed(run_dir):

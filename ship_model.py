@@ -5,17 +5,21 @@ work right after cloning: weights only, in half precision, with a model card.
         [--out models/lfw-compact.pt]
 
 CHECKPOINT is a best_*.pt (the benchmark's `best` View 1 run); --view1 and --identify are the
-results.json that evaluate.py wrote for it on pairsDevTest.txt (with and without --identify).
-Their figures go into models/MODEL_CARD.md. A model trained later under logs/ takes
-precedence over the shipped one.
+results.json that evaluate.py wrote for it on pairsDevTest.txt (without and with --identify).
+Their figures go into models/MODEL_CARD.md. Every input is checked before anything is written;
+then the model and its card are replaced together, so that they never disagree. Exit 0 when
+shipped, 2 on a bad input (one line naming it and the fix; nothing replaced). A model trained
+later under logs/ takes precedence over the shipped one.
 """
 import argparse
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import model as m
-from runtime import write_atomic
+from runtime import error_line, write_atomic
 
 MAX_MB = 6  # the one checkpoint git may hold
 
@@ -62,25 +66,117 @@ def card(ckpt, view1, ident, source):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+class ShipError(Exception):
+    """A bad input, as one line that names it and the fix; nothing has been written."""
+
+
+# The figures the card quotes from each report (a path of keys into its results.json), and
+# what each report is.
+FIGURES = {"--view1": [("kfold", "mean"), ("kfold", "stderr"), ("auc",), ("tar@far=1e-3",)],
+           "--identify": [("rank1",), ("rank5",)]}
+REPORTS = {"--view1": "evaluate.py's results.json on pairsDevTest.txt (run without --identify)",
+           "--identify": "evaluate.py --identify's results.json on pairsDevTest.txt"}
+
+
+def figure(report, keys):
+    for key in keys:
+        report = report.get(key) if isinstance(report, dict) else None
+    return report
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_report(path, option, checkpoint):
+    """The results.json given as OPTION, checked to be that report and of CHECKPOINT."""
+    path, other = Path(path), "--identify" if option == "--view1" else "--view1"
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ShipError(f"{option} {path}: {what}; give {REPORTS[option]}")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ShipError(f"{option} {path}: cannot be read as JSON ({error_line(e)}); give "
+                        f"{REPORTS[option]}") from None
+    if isinstance(report, dict) and all(figure(report, k) is not None for k in FIGURES[other]):
+        raise ShipError(f"{option} {path}: this is the {other} report; pass it as {other}, "
+                        f"and as {option} {REPORTS[option]}")
+    missing = [".".join(k) for k in FIGURES[option] if not is_number(figure(report, k))]
+    dir_far = report.get("dir@far=0.01", "") if isinstance(report, dict) else None
+    if option == "--identify" and not (dir_far is None or is_number(dir_far)):
+        missing.append("dir@far=0.01")  # None is a figure: FAR 1% was not reached
+    if missing:
+        raise ShipError(f"{option} {path}: no {', '.join(missing)} in it; give "
+                        f"{REPORTS[option]}")
+    digest = report.get("checkpoint_sha256")
+    with open(checkpoint, "rb") as f:
+        ours = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest and digest != ours:
+        raise ShipError(f"{option} {path}: its checkpoint_sha256 is not that of {checkpoint}, "
+                        f"so its figures are of another model; evaluate {checkpoint} and give "
+                        "that report")
+    return report
+
+
+def read_inputs(args):
+    """Every input read and checked, and the card made, before anything is written."""
     try:
         _, ckpt = m.load_checkpoint(args.checkpoint)
         m.checkpoint_crop_settings(ckpt, args.checkpoint)  # a shipped model must take faces
     except m.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    view1, ident = (json.loads(Path(p).read_text()) if p else None
-                    for p in (args.view1, args.identify))
+        raise ShipError(str(e)) from None
+    view1, ident = (read_report(p, o, args.checkpoint) if p else None
+                    for p, o in ((args.view1, "--view1"), (args.identify, "--identify")))
     out = Path(args.out)
-    m.export_weights(ckpt, out)
-    size_mb = out.stat().st_size / 2 ** 20
+    for path in (out, out.parent / "MODEL_CARD.md"):
+        if path.is_dir():
+            raise ShipError(f"{path}: is a folder; move it away, or give --out a file in "
+                            "another folder")
+    try:
+        text = card(ckpt, view1, ident, args.checkpoint)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShipError(f"{args.checkpoint}: lacks what the model card reports "
+                        f"({error_line(e)}); pass a best_*.pt written by trainer2.py") from None
+    return ckpt, out, text
+
+
+def export_checked(ckpt, path, out):
+    """The export written to PATH (a temporary file), refused when it is too large to ship."""
+    m.export_weights(ckpt, path)
+    size_mb = Path(path).stat().st_size / 2 ** 20
     if size_mb > MAX_MB:
-        out.unlink()
-        print(f"error: {out}: {size_mb:.1f} MB is over the {MAX_MB} MB a shipped model may take; "
-              "ship a smaller network", file=sys.stderr)
+        raise ShipError(f"{out}: the export takes {size_mb:.1f} MB, over the {MAX_MB} MB a "
+                        "shipped model may take; ship a smaller network (nothing was replaced)")
+    return size_mb
+
+
+def write_model_and_card(ckpt, out, text):
+    """Replace the model and its card together: the card's new text is on disk first, then
+    the model is replaced, then the card. A failure before leaves both old files in place."""
+    size = []
+
+    def write_card(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        write_atomic(out, write=lambda t: size.append(export_checked(ckpt, t, out)))
+    write_atomic(out.parent / "MODEL_CARD.md", write=write_card)
+    return size[0]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        ckpt, out, text = read_inputs(args)
+        size_mb = write_model_and_card(ckpt, out, text)
+    except ShipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a read-only folder: the old files are still there
+        print(f"error: cannot write {args.out} or its card ({error_line(e)})", file=sys.stderr)
         return 1
-    write_atomic(out.parent / "MODEL_CARD.md", card(ckpt, view1, ident, args.checkpoint))
     print(f"wrote {out} ({size_mb:.1f} MB) and {out.parent / 'MODEL_CARD.md'}")
     return 0
 

@@ -8,9 +8,33 @@ import pytest
 
 import ablations
 import dataset as ds
+import experiments
 from conftest import small_lfw
+from test_benchmark import BEST, SEED, assert_trains_as_before
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Every ablation run's settings while ablations.py's RUNS were lists of copies laid over the
+# old `seed` copy and trainer2.py, written out by hand (View 1 DevTrain, --minutes 8).
+SEED_RUN = {**SEED, "max_minutes": 8.0, "pairs_per_epoch": 4000}
+BEST_RUN = {**BEST, "max_minutes": 8.0}
+RESNEXT = {**BEST_RUN, "model": "resnext", "lr": 0.01, "pretrained": True}
+OLD_RUNS = {
+    "seed": SEED_RUN, "seed-long": {**SEED_RUN, "max_minutes": 24.0},
+    "seed-wd1e-3": {**SEED_RUN, "weight_decay": 1e-3}, "seed-dropout": {**SEED_RUN, "p": 0.5},
+    "seed-lr1e-3": {**SEED_RUN, "lr": 1e-3}, "seed-lr1e-5": {**SEED_RUN, "lr": 1e-5},
+    "seed-small": {**SEED_RUN, "width": 32}, "seed-big": {**SEED_RUN, "width": 96},
+    "seed-photos": {**SEED_RUN, "data_dir": "data/images"},
+    "seed-residual": {**SEED_RUN, "model": "compact", "image_size": 112, "init": "kaiming"},
+    "seed-augment": {**SEED_RUN, "augment_p": 1.0, "erase_p": 0.5},
+    "best": BEST_RUN, "best-l1": {**BEST_RUN, "distance": "l1"},
+    "best-bce": {**BEST_RUN, "loss": "bce", "distance": "l1"},
+    "best-contrastive": {**BEST_RUN, "loss": "contrastive"},
+    "best-triplet": {**BEST_RUN, "loss": "triplet", "triplet_margin": 0.2},
+    "resnext": RESNEXT, "resnext-head256": {**RESNEXT, "head_hidden": 256},
+    "resnext-relu": {**RESNEXT, "activation": "relu"},
+    "resnext-no-layer4": {**RESNEXT, "drop_layer4": True}, "resnext-dropout": {**RESNEXT, "p": 0.8},
+}
 
 
 @pytest.mark.parametrize("expect, low, high, verdict", [
@@ -40,10 +64,32 @@ def test_every_row_names_known_runs_and_an_expectation():
     # The ResNeXt rows, and only they, need ImageNet weights; no row trains ResNeXt from scratch.
     resnext = {r[0] for r in ablations.ROWS if ablations.needs_imagenet(r[3])}
     assert resnext == {"12", "13", "14", "15"}
-    for name, (recipe, overrides, budget) in ablations.RUNS.items():
-        assert ("--model=resnext" in overrides) == ablations.needs_imagenet(name), name
+    for name in ablations.RUNS:
+        assert ("--model=resnext" in ablations.resolve(name)[1]) == ablations.needs_imagenet(name)
     assert ablations.change({"base": "seed", "variant": "seed-lr1e-3"}) == "`--lr=1e-3`"
     assert ablations.change({"base": "seed", "variant": "seed-long"}) == "3x the budget"
+
+
+def test_every_ablation_run_trains_with_the_settings_of_the_old_copies(tmp_path):
+    args = ablations.parse_args(["--data-root", "data", "--crops", "crops", "--logs",
+                                 str(tmp_path)])
+    assert set(ablations.RUNS) == set(OLD_RUNS)
+    for name, expected in OLD_RUNS.items():
+        run_name = str((tmp_path / f"ablation-{name}").resolve())
+        assert_trains_as_before(ablations.train_command(args, name),
+                                {**expected, "run_name": run_name, "snapshot_minutes": ""})
+
+
+def test_a_run_is_a_set_of_overrides_each_changing_what_it_builds_on():
+    """No run restates a setting that its recipe, its trainer or its base run already has."""
+    for name, (_, overrides, _budget) in ablations.RUNS.items():
+        recipe, inherited = ablations.resolve(name)
+        spec = experiments.RECIPES[recipe]
+        below = [spec["trainer"], *spec["train"], *inherited[:len(inherited) - len(overrides)]]
+        before = experiments.trainer_config(below)
+        for override in overrides:
+            key = override[2:].partition("=")[0]
+            assert experiments.trainer_config([*below, override])[key] != before[key], (name, key)
 
 
 def test_the_training_pairs_are_the_runs_own_people_in_lfw_format(tmp_path):
@@ -75,6 +121,10 @@ def test_ablation_smoke_writes_every_output_and_resumes(tmp_path, monkeypatch):
                             "--pairs_per_epoch=64 --torch_compile=False --embedding_dim=32"]
     assert ablations.main([str(a) for a in args]) == 0
     result = json.loads((out / "ablations.json").read_text())
+    # Steps are kept by these names (an older state.json's), whatever their command lines say.
+    assert set(json.loads((out / "cache" / "state.json").read_text())) == {
+        f"{run}-{step}" for run in ("seed", "seed-photos", "best", "best-l1")
+        for step in ("train", "eval", "eval-train")}
     assert [r["id"] for r in result["rows"]] == ["7", "10", "12"]
     assert set(result["runs"]) == {"seed", "seed-photos", "best", "best-l1"}
     for row in result["rows"][:2]:

@@ -10,9 +10,80 @@ import pytest
 
 import benchmark
 import download_data
+import experiments
+import trainer2
+import training
 from conftest import write_people
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# What the benchmark's runs trained with while experiments.py's `seed` recipe was a copy of
+# trainer.py's values laid over trainer2.py, written out by hand (with --crops crops
+# --data-root data). A recipe rewritten as overrides must keep every one of these values, and
+# every other setting at trainer2.py's default, the base that every old run had.
+BOTH = {"data_dir": "crops", "protocol_dir": "data", "split": "view1", "fold": 0,
+        "epochs": 100000, "patience": 30, "erase_p": 0.0, "pretrained": True, "momentum": 0.9,
+        "cos": True, "warmup_epochs": 1, "mixed_precision": True, "torch_compile": True,
+        "batch_augment": True, "seed": 0, "val_fraction": 0.1, "val_pairs": 1000, "p": 0.0,
+        "width": 0, "head_hidden": 1024, "activation": "sigmoid", "drop_layer4": False,
+        "triplet_margin": 0.5, "pairs_per_epoch": 0}
+SEED = {**BOTH, "model": "koch", "init": "koch", "image_size": 105, "augment_p": 0.5,
+        "loss": "bce", "distance": "l1", "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0,
+        "batch_size": 64}
+BEST = {**BOTH, "model": "compact", "init": "kaiming", "image_size": 112, "augment_p": 0.8,
+        "loss": "arcface", "distance": "cosine", "optimizer": "sgd", "lr": 0.1,
+        "weight_decay": 5e-4, "batch_size": 128, "embedding_dim": 256, "arc_margin": 0.5}
+
+
+def assert_trains_as_before(cmd, expected):
+    """The trainer command CMD trains with EXPECTED's values and trainer2.py's other defaults."""
+    cfg = experiments.trainer_config(cmd)
+    before = {**training.defaults_of(vars(trainer2)), **expected}
+    assert {k: (cfg.get(k), before.get(k)) for k in {*cfg, *before}
+            if cfg.get(k) != before.get(k)} == {}, cmd
+
+
+class Ran(Exception):
+    """A step that benchmark.py would have run, with its command."""
+
+
+def first_training_command(tmp_path, monkeypatch, protocol, recipe):
+    """The command of the first training step that benchmark.py's PROTOCOL runs for RECIPE
+    (nothing runs: run_step stops at the first step)."""
+    def stop(name, cmd, *rest):
+        raise Ran(cmd)
+    monkeypatch.setattr(benchmark, "run_step", stop)
+    args = benchmark.parse_args(["--minutes", "30", "--crops", "crops", "--data-root", "data",
+                                 "--logs", str(tmp_path), "--out", str(tmp_path / "out")])
+    run = benchmark.view1 if protocol == "view1" else benchmark.view2
+    with pytest.raises(Ran) as e:
+        run(args, recipe, {}, tmp_path / "state.json", tmp_path, None)
+    return e.value.args[0]
+
+
+@pytest.mark.parametrize("protocol, recipe, expected", [
+    ("view1", "seed", {**SEED, "max_minutes": 30.0, "snapshot_minutes": "5,10,20"}),
+    ("view1", "best", {**BEST, "max_minutes": 30.0, "snapshot_minutes": "5,10,20"}),
+    ("view2", "seed", {**SEED, "split": "view2", "max_minutes": 3.0, "snapshot_minutes": ""}),
+    ("view2", "best", {**BEST, "split": "view2", "max_minutes": 6.0, "snapshot_minutes": ""}),
+])
+def test_every_benchmark_run_trains_with_the_settings_of_the_old_copies(
+        tmp_path, monkeypatch, protocol, recipe, expected):
+    cmd = first_training_command(tmp_path, monkeypatch, protocol, recipe)
+    folder = f"bench-{protocol}-{recipe}" + ("-fold0" if protocol == "view2" else "")
+    assert_trains_as_before(cmd, {**expected, "run_name": str((tmp_path / folder).resolve())})
+
+
+def test_a_recipe_is_its_trainer_file_run_on_the_crops(tmp_path, monkeypatch):
+    """The `seed` recipe is trainer.py's defaults and `best` trainer2.py's: their commands set
+    only the data, the budget and the run's folder, never a copy of a hyperparameter."""
+    assert {r["trainer"] for r in experiments.RECIPES.values()} == {"trainer.py", "trainer2.py"}
+    given = {"data_dir", "protocol_dir", "max_minutes", "epochs", "patience", "run_name",
+             "snapshot_minutes", "split"}
+    for recipe, spec in experiments.RECIPES.items():
+        cmd = first_training_command(tmp_path, monkeypatch, "view1", recipe)
+        assert cmd[0] == spec["trainer"] and (ROOT / cmd[0]).is_file()
+        assert {a[2:].partition("=")[0] for a in cmd[1:]} <= given, recipe
 
 
 def synthetic_lfw(folder, seed=0):
@@ -79,8 +150,13 @@ def test_benchmark_smoke_writes_every_output(tmp_path, monkeypatch):
     for name in ("README.md", "RECIPE.md"):
         doc = (docs / name).read_text()
         assert table in doc and "No benchmark has been recorded yet" not in doc
-    # A second run reuses every finished step: nothing is trained or cropped again.
+    # A second run reuses every finished step: nothing is trained or cropped again. Steps are
+    # kept by these names (an older state.json's), whatever their command lines say.
     state = json.loads((out / "cache" / "state.json").read_text())
+    assert {"download", "crop", "crop-speed", "profile", "view1-seed-train",
+            "view1-seed-eval-0.05min", "view2-timing-seed", "view1-seed-identify",
+            "view1-best-train", "view1-best-eval-0.05min", "view2-timing-best",
+            "view1-best-identify"} <= set(state)
     assert benchmark.main([str(a) for a in args]) == 0
     assert json.loads((out / "cache" / "state.json").read_text()) == state
 
