@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from runtime import write_atomic
+from runtime import sha256_file, write_atomic
 
 VARIANTS = ("original", "funneled", "deepfunneled")
 PROTOCOL_FILES = (
@@ -140,11 +140,6 @@ def file_digests(path):
             sha.update(block)
             md5.update(block)
     return sha.hexdigest(), md5.hexdigest()
-
-
-def sha256_file(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify(path, name, fix):

@@ -1,24 +1,43 @@
-"""Evaluate a trained checkpoint on an LFW pairs file: 10-fold accuracy, AUC, EER, TAR@FAR.
+"""Evaluate a trained checkpoint on verification pairs: 10-fold accuracy, AUC, EER, TAR@FAR.
 
-    python evaluate.py [CHECKPOINT | RUN_FOLDER] [--data cropped_dataset] [--pairs dataset/pairsDevTest.txt]
+    python evaluate.py [CHECKPOINT | RUN_FOLDER] [--data cropped_dataset] [--pairs FILE]
         [--flip] [--batch-size N] [--out DIR] [--skip-missing] [--device auto|cpu|cuda]
         [--fold K] [--identify]
 
-Each unique image is decoded and embedded once; pairs are then scored from the cached
-embeddings in one vectorised call. pairs.txt (View 2) keeps its 10 official folds; a
-single-set file is cut into 10 class-balanced folds; --fold K tests on one View 2 fold with a
-threshold from the other nine. Writes results.json, scores.csv, roc.png, scores.png and
-errors.png to --out (default: <checkpoint folder>/eval-<pairs stem>[-flip][-foldK]/).
+--pairs takes any file pairs.read_pairs reads: LFW's protocol files (names under --data), a
+CSV (path_a,path_b,same[,fold]; relative paths start at --data, else at the CSV's folder) or
+an insightface .bin (LFW, CFP-FP, AgeDB-30, ...: its images inside it). Without --pairs, a
+--split=random run's own held-out pairs (logs/<run>/test_pairs.csv, paths relative to the
+run's data_dir) are scored, else dataset/pairsDevTest.txt. The images must be face crops
+made as the training crops were (crop_dataset_to_faces.py; a .bin holds aligned faces).
 
---identify measures 1:N identification on the same people instead: each person of the pairs
-file with two or more images is enrolled with the first by file name, their other images are
+The checkpoint is loaded as an inference.FaceModel, so its images are embedded at its input
+size and in its precision, as verify.py embeds. Each unique image is decoded and embedded
+once; pairs are then scored from the cached embeddings in one vectorised call. pairs.txt
+(View 2) keeps its 10 official folds, a .bin insightface's 10 folds of consecutive pairs, a
+CSV its fold column; a file without folds is cut into 10 class-balanced folds; --fold K
+tests on one fold of the file with a threshold from the others. Writes results.json,
+scores.csv (path_a,path_b,same,fold,score: the paths relative to the image folder), roc.png,
+scores.png and errors.png to --out (default: <checkpoint folder>/eval-<pairs
+stem>[-flip][-foldK]/; for a checkpoint in models/, the shipped model, which git tracks,
+logs/shipped-<name>-<sha256 prefix>/eval-.../ instead, a folder git ignores: see
+default_out).
+
+--identify measures 1:N identification on the same people instead (an LFW file or a CSV of
+<person>/<image> paths in one folder; a .bin names nobody): each person of the pairs file
+with two or more images is enrolled with the first by file name, their other images are
 mated probes and people with one image are non-mated probes. Writes results.json (rank-1,
 rank-5 and the CMC; DIR at FAR 1% and 10% as BLUFR reports them), probes.csv and cmc.png to
---out (default: <checkpoint folder>/eval-identify-<pairs stem>[-flip][-foldK]/).
+--out (default: <checkpoint folder>/eval-identify-<pairs stem>[-flip][-foldK]/, or under
+logs/ for the shipped model, as above).
+
+--compare BASE NEW reads the scores.csv of two such folders; a file that lacks a column, has
+a short row, a score that is not a finite number or no pair at all is one line naming it and
+the line. Exit status: 0 done, 2 an error (one line on stderr naming the file and the fix).
 """
 import argparse
 import csv
-import hashlib
+import io
 import json
 import sys
 import time
@@ -32,17 +51,30 @@ import numpy as np
 from sklearn.metrics import RocCurveDisplay
 
 import dataset as ds
-import identify
 import metrics
 import model as m
-from runtime import autocast, pick_device, set_threads, write_atomic
+import pairs as pr
+from inference import FaceModel
+from runtime import DeviceError, pick_device, set_threads, write_atomic
+from training import TEST_PAIRS
 
 N_ERRORS = 8        # worst false accepts and false rejects shown in errors.png
 N_MISSING = 5       # missing files named in the error
+DEFAULT_PAIRS = Path("dataset/pairsDevTest.txt")
+ONE_SET = "10 class-balanced folds of one set"  # the protocol of a file without folds
+FOLD_KINDS = {".bin": "consecutive folds (insightface's protocol)", ".csv": "folds of the file"}
 
 
 class EvalError(Exception):
     """Bad input; the message names the file and the fix."""
+
+
+def positive_int(text):
+    """argparse type: a whole number of 1 or more (--batch-size 0 would embed nothing)."""
+    value = int(text)  # a ValueError is argparse's "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
 
 
 def parse_args(argv):
@@ -51,13 +83,20 @@ def parse_args(argv):
                    help="a best_*.pt written by trainer2.py, or a run folder (its "
                         "best_accuracy.pt); default: the newest logs/<run>/best_accuracy.pt")
     p.add_argument("--data", default=None,
-                   help="<person>/<image>.jpg folder (default: the checkpoint's data_dir if it "
-                        "exists, else cropped_dataset)")
-    p.add_argument("--pairs", default="dataset/pairsDevTest.txt",
-                   help="pairs.txt (View 2, 10 folds) or pairsDevTest.txt (one set)")
+                   help="the <person>/<image>.jpg folder an LFW file's names are in (default: "
+                        "the checkpoint's data_dir if it exists, else cropped_dataset), or the "
+                        "folder a CSV's relative paths start at (default: the CSV's folder)")
+    p.add_argument("--pairs", default=None,
+                   help="pairs.txt (View 2, 10 folds), pairsDevTest.txt (one set), a CSV "
+                        "(path_a,path_b,same[,fold]) or an insightface .bin; default: the run's "
+                        f"own {TEST_PAIRS} (a --split=random run), else {DEFAULT_PAIRS}")
     p.add_argument("--flip", action="store_true", help="add the mirrored image's embedding")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="images embedded per forward pass (1 or more)")
+    p.add_argument("--out", default=None,
+                   help="output folder, new or existing (default: <checkpoint "
+                        "folder>/eval-<pairs stem>/; for the shipped model in models/, which "
+                        "git tracks, logs/shipped-<name>-<sha256 prefix>/eval-<pairs stem>/)")
     p.add_argument("--skip-missing", action="store_true",
                    help="leave out pairs whose images are missing instead of stopping")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -75,22 +114,39 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def choose_data(arg, ckpt):
-    """(folder, where the choice came from): --data, else the checkpoint's, else the default."""
+def choose_pairs(arg, fm):
+    """The pairs file: --pairs, else the run's own held-out pairs (TEST_PAIRS, written by a
+    --split=random run beside its checkpoints), else View 1's DEFAULT_PAIRS."""
+    if arg:
+        return Path(arg)
+    own = fm.path.parent / TEST_PAIRS
+    return own if own.is_file() else DEFAULT_PAIRS
+
+
+def choose_data(arg, pairs_path, fm):
+    """(folder, where the choice came from) the pairs' images are read from: for a .bin the
+    file itself; else --data; else for a CSV its own folder, but for a run's own TEST_PAIRS
+    the run's data_dir (training writes its paths relative to it); else for an LFW file the
+    checkpoint's data_dir if it exists, else cropped_dataset."""
+    suffix = pairs_path.suffix.lower()
+    if suffix == ".bin":
+        return pairs_path, "the images inside the .bin"
     if arg:
         return Path(arg), "--data"
-    saved = ckpt.get("config", {}).get("data_dir")
-    if saved and Path(saved).is_dir():
+    saved = fm.ckpt.get("config", {}).get("data_dir")
+    own = saved and pairs_path.resolve() == (fm.path.parent / TEST_PAIRS).resolve()
+    if suffix == ".csv" and not own:
+        return pairs_path.parent, "the CSV's folder"
+    if saved and (own or Path(saved).is_dir()):
         return Path(saved), "the checkpoint's data_dir"
     why = f"the checkpoint's data_dir {saved} is absent" if saved else "default"
     return Path("cropped_dataset"), why
 
 
-def drop_missing(pairs, data, skip):
-    """Pairs whose images all exist, and how many were left out. Without skip, a missing
-    image is an error naming the first few."""
-    paths = ds.pairs_to_paths(pairs, data)
-    missing = sorted({p for pa, pb, _ in paths for p in (pa, pb) if not p.is_file()})
+def drop_missing(pairs, images, data, skip):
+    """Pairs whose images all exist (in the .bin or on disk), and how many were left out.
+    Without skip, a missing image is an error naming the first few."""
+    missing = pr.missing_images(pairs, images)
     if not missing:
         return pairs, 0
     if not skip:
@@ -100,18 +156,28 @@ def drop_missing(pairs, data, skip):
                         f"{more}; crop them with `python crop_dataset_to_faces.py`, pass the "
                         "right --data, or --skip-missing to leave those pairs out")
     gone = set(missing)
-    kept = [p for p, (pa, pb, _) in zip(pairs, paths) if pa not in gone and pb not in gone]
+    kept = [p for p in pairs if p.path_a not in gone and p.path_b not in gone]
     return kept, len(pairs) - len(kept)
 
 
-def pair_folds(pairs):
-    """Fold id per pair and a description: the file's own folds (View 2's 10 official ones),
-    or for a single-set file 10 folds with the same class mix each."""
-    folds = np.array([p[5] for p in pairs])
-    n = len(np.unique(folds))
-    if n > 1:
-        return folds, f"{n} official folds"
-    return metrics.balanced_folds([p[4] for p in pairs]), "10 class-balanced folds of one set"
+def pair_folds(pairs, path=None):
+    """Fold id per pair and a description: the file's own folds (View 2's 10 official ones,
+    a .bin's 10 of consecutive pairs, a CSV's fold column), or for a file without folds
+    (pairsDevTest.txt, a CSV without the column) 10 folds with the same class mix each."""
+    if all(p.fold is not None for p in pairs):  # a reader gives every pair a fold, or none
+        folds = np.array([p.fold for p in pairs])
+        n = len(np.unique(folds))
+        if n > 1:
+            return folds, f"{n} {FOLD_KINDS.get(Path(path or '').suffix.lower(), 'official folds')}"
+    return metrics.balanced_folds([p.same for p in pairs]), ONE_SET
+
+
+def check_fold(fold, folds, protocol, path):
+    """EvalError unless --fold names one of the file's own folds."""
+    if fold is not None and (protocol == ONE_SET or fold not in set(folds.tolist())):
+        raise EvalError(f"{path}: has no official fold {fold}; --fold needs a pairs file with "
+                        "folds of its own (pairs.txt and a .bin have 0-9, a CSV its fold "
+                        "column)")
 
 
 def make_report(scores, labels, folds, val_threshold=None):
@@ -125,29 +191,44 @@ def make_report(scores, labels, folds, val_threshold=None):
     return report
 
 
-def contamination(pairs, ckpt):
-    """How many people of the pairs the checkpoint saw in training (incl. validation)."""
-    people = ds.pair_people(pairs)
-    if "train_people" not in ckpt:
+def contamination(pairs, images, ckpt):
+    """How many people of the pairs the checkpoint saw in training (incl. validation): the
+    <person> folders of their images. None where it cannot be told: a .bin names nobody,
+    and an old checkpoint may not record its training people."""
+    people = pr.people_of(pairs, images)
+    if people is None or "train_people" not in ckpt:
         return {"contaminated": None, "people_seen_in_training": None,
-                "people_in_pairs": len(people)}
+                "people_in_pairs": None if people is None else len(people)}
     seen = people & set(ckpt["train_people"])
     return {"contaminated": bool(seen), "people_seen_in_training": len(seen),
             "people_in_pairs": len(people)}
 
 
-def write_scores(pairs, labels, scores, path):
+def shown(path, root):
+    """An image as scores.csv names it: relative to the image folder (an LFW file's --data,
+    a CSV's folder, a .bin's folder), so that evaluations of one pairs file from two crop
+    folders can be compared; else as given."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def write_table(path, header, rows):
+    """A CSV, atomically: a kill never leaves half a table for --compare to read."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    write_atomic(path, out.getvalue())
+
+
+def write_scores(got, scores, path):
     """Every pair's score, so that any figure can be recomputed or re-plotted."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name_a", "number_a", "name_b", "number_b", "same", "fold", "score"])
-        for (a, i, b, j, _, fold), y, s in zip(pairs, labels, scores):
-            w.writerow([a, i, b, j, int(y), fold, f"{s:.6g}"])
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    root = got.data.parent if got.images else got.data
+    write_table(path, metrics.SCORE_COLUMNS,
+                ([shown(p.path_a, root), shown(p.path_b, root), int(y), int(k), f"{s:.6g}"]
+                 for p, y, k, s in zip(got.pairs, got.labels, got.folds, scores)))
 
 
 # ------------------------------------------------------------------ figures
@@ -191,8 +272,16 @@ def worst_errors(scores, labels, threshold, n=N_ERRORS):
     return fa[np.argsort(-scores[fa], kind="stable")][:n], fr[np.argsort(scores[fr], kind="stable")][:n]
 
 
-def plot_errors(pairs, scores, labels, threshold, images, index_a, index_b, path):
-    """Rows of pairs: false accepts on the left, false rejects on the right."""
+def image_title(path, inside):
+    """An image's title in errors.png: its person folder and file, or for an image inside a
+    .bin (which names nobody) its place there."""
+    path = Path(path)
+    return path.name if inside else f"{path.parent.name}\n{path.name}"
+
+
+def plot_errors(pairs, scores, labels, threshold, images, index_a, index_b, path, inside=None):
+    """Rows of pairs: false accepts on the left, false rejects on the right. inside: the
+    .bin's images (read_pairs'), whose paths name no person."""
     fa, fr = worst_errors(scores, labels, threshold)
     rows = max(len(fa), len(fr), 1)
     fig, axes = plt.subplots(rows, 4, figsize=(8, 2.3 * rows + 0.4), squeeze=False,
@@ -203,9 +292,9 @@ def plot_errors(pairs, scores, labels, threshold, images, index_a, index_b, path
         if not len(chosen):
             axes[0, col].text(0.5, 0.5, f"no {kind}", ha="center", va="center")
         for row, k in enumerate(chosen):
-            a, i, b, j, _, _ = pairs[k]
-            for dc, idx, title in ((0, index_a[k], f"{a} {i}\nscore {scores[k]:.4g}"),
-                                   (1, index_b[k], f"{b} {j}\n")):
+            a, b = (image_title(p, inside and p in inside) for p in pairs[k][:2])
+            for dc, idx, title in ((0, index_a[k], f"{a}\nscore {scores[k]:.4g}"),
+                                   (1, index_b[k], f"{b}\n")):
                 ax = axes[row, col + dc]
                 ax.imshow(images[idx].permute(1, 2, 0).numpy())
                 ax.set_title(title, fontsize=7)
@@ -251,43 +340,47 @@ def print_summary(results):
         print(f"WARNING: {r['people_seen_in_training']} of {r['people_in_pairs']} people in "
               f"{Path(r['pairs']).name} were seen in training: this result is contaminated")
     elif r["contaminated"] is None:
-        print("WARNING: the checkpoint does not record its training people, so contamination "
-              "cannot be checked")
+        why = "the images of a .bin name no people" if r["people_in_pairs"] is None else \
+            "the checkpoint does not record its training people"
+        print(f"WARNING: {why}, so contamination cannot be checked")
 
 
 # ------------------------------------------------------------------ main
 
-def load_pairs(args, ckpt):
-    """The pairs to score, the data folder and the folds; every input problem as EvalError."""
-    pairs = ds.parse_pairs(args.pairs)
-    data, data_source = choose_data(args.data, ckpt)
-    pairs, skipped = drop_missing(pairs, data, args.skip_missing)
-    labels = np.array([p[4] for p in pairs], dtype=np.int64)
+def load_pairs(args, fm):
+    """The pairs to score (pairs.Pair each), their images, the folds; every input problem
+    as EvalError or ProtocolError."""
+    path = choose_pairs(args.pairs, fm)
+    data, data_source = choose_data(args.data, path, fm)
+    found, images = pr.read_pairs(path, data)
+    found, skipped = drop_missing(found, images, data, args.skip_missing)
+    labels = np.array([p.same for p in found], dtype=np.int64)
     if len(np.unique(labels)) < 2:
-        raise EvalError(f"{args.pairs}: after leaving out pairs with missing images, "
-                        f"{len(pairs)} pairs remain and they are not both same and different; "
+        raise EvalError(f"{path}: after leaving out pairs with missing images, "
+                        f"{len(found)} pairs remain and they are not both same and different; "
                         f"crop the missing images into {data} with `python crop_dataset_to_faces.py`")
-    folds, protocol = pair_folds(pairs)
-    if args.fold is not None and ("official" not in protocol or
-                                  args.fold not in set(folds.tolist())):
-        raise EvalError(f"{args.pairs}: has no official fold {args.fold}; --fold needs a pairs "
-                        "file with official folds (pairs.txt has 0-9)")
-    return SimpleNamespace(pairs=pairs, labels=labels, folds=folds, protocol=protocol,
-                           data=data, data_source=data_source, skipped=skipped)
+    folds, protocol = pair_folds(found, path)
+    if len(np.unique(folds)) < 2:  # each fold's threshold is chosen on the other folds
+        raise EvalError(f"{path}: {len(found)} pairs are too few to cut into folds; give at "
+                        "least 2 same and 2 different pairs (LFW's files have 300 of each a fold)")
+    check_fold(args.fold, folds, protocol, path)
+    return SimpleNamespace(path=path, pairs=found, images=images, labels=labels, folds=folds,
+                           protocol=protocol, data=data, data_source=data_source,
+                           skipped=skipped)
 
 
-def test_fold(args, got, scored, ckpt):
-    """One official fold as the test set, its threshold chosen on the other nine. Narrows
+def test_fold(args, got, scored, fm):
+    """One fold of the file as the test set, its threshold chosen on the others. Narrows
     `got` and `scored` to the fold and returns the report."""
     train, test = got.folds != args.fold, got.folds == args.fold
     fold_threshold = metrics.best_threshold(scored["scores"][train], got.labels[train])
     got.n_other = int(train.sum())
     got.pairs = [p for p, t in zip(got.pairs, test) if t]
-    got.labels = got.labels[test]
+    got.labels, got.folds = got.labels[test], got.folds[test]
     for key in ("scores", "a", "b"):
         scored[key] = scored[key][test]
     report = make_report(scored["scores"], got.labels, metrics.balanced_folds(got.labels),
-                         ckpt.get("threshold"))
+                         fm.threshold)
     report["test_fold"] = {"fold": args.fold, **metrics.threshold_metrics(
         scored["scores"], got.labels, fold_threshold)}
     got.protocol = f"fold {args.fold} of {got.protocol}, threshold from the other folds"
@@ -297,51 +390,77 @@ def test_fold(args, got, scored, ckpt):
 def write_outputs(out, got, scored, report, cfg):
     out.mkdir(parents=True, exist_ok=True)
     scores, labels = scored["scores"], got.labels
-    write_scores(got.pairs, labels, scores, out / "scores.csv")
+    write_scores(got, scores, out / "scores.csv")
     threshold = report["at_threshold"]["threshold"]
     plot_roc([(scores, labels, f"{cfg['model']}/{cfg.get('loss')}")], out / "roc.png")
     plot_scores(scores, labels, threshold, out / "scores.png")
     plot_errors(got.pairs, scores, labels, threshold, scored["images"], scored["a"], scored["b"],
-                out / "errors.png")
+                out / "errors.png", got.images)
 
 
-def open_checkpoint(args):
-    """(device, path, net, checkpoint) for the checkpoint args name, the shipped one said."""
+def default_out(fm, name):
+    """Where results go without --out: beside the checkpoint, <its folder>/NAME, as a run's
+    own files are; but for a checkpoint in models/ (the shipped model), which git tracks,
+    logs/shipped-<stem>-<first 10 hex of its SHA-256>/NAME, which git ignores, so that
+    evaluating never changes the repository's files, and a newly shipped model gets its own
+    folder. No best_*.pt lies there, so it is never taken for a training run."""
+    if fm.path.resolve().parent == m.SHIPPED.resolve().parent:
+        return Path("logs") / f"shipped-{fm.path.stem}-{fm.sha256[:10]}" / name
+    return fm.path.parent / name
+
+
+def out_folder(args, fm, pairs_path, kind=""):
+    """--out, else default_out's eval-<kind><pairs stem>[-flip][-foldK]."""
+    if args.out:
+        return Path(args.out)
+    return default_out(fm, f"eval-{kind}{pairs_path.stem}{'-flip' if args.flip else ''}"
+                           f"{'' if args.fold is None else f'-fold{args.fold}'}")
+
+
+def check_out(out):
+    """EvalError when --out names something that is not a folder: before any work, so that
+    nothing is embedded for results that could not be written."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise EvalError(f"--out {out}: a file, not a folder; pass a new or existing folder")
+
+
+def open_model(args):
+    """The inference.FaceModel args name (the newest run's, else the shipped one, said)."""
     device = pick_device(args.device)
     set_threads()
-    path = m.resolve_checkpoint(args.checkpoint)
-    if path.resolve() == m.SHIPPED:
-        print(m.describe_checkpoint(path))
-    net, ckpt = m.load_checkpoint(path, device)
-    return device, path, net, ckpt
+    fm = FaceModel.load(args.checkpoint, device)
+    if fm.shipped:
+        print(fm.describe())
+    return fm
+
+
+def model_fields(fm):
+    """What results.json says of the checkpoint."""
+    cfg = fm.ckpt["model_config"]
+    return {"checkpoint": str(fm.path), "checkpoint_sha256": fm.sha256, "model": cfg["model"],
+            "loss": cfg.get("loss"), "distance": cfg.get("distance"),
+            "image_size": fm.image_size, "epoch": fm.ckpt.get("epoch")}
 
 
 def evaluate(args):
     if args.identify:
         return evaluate_identification(args)
     start = time.perf_counter()
-    device, path, net, ckpt = open_checkpoint(args)
-    cfg = ckpt["model_config"]
-    got = load_pairs(args, ckpt)
-    print(f"{len(got.pairs)} pairs of {args.pairs}: embedding their images from {got.data} "
+    fm = open_model(args)
+    got = load_pairs(args, fm)
+    print(f"{len(got.pairs)} pairs of {got.path}: embedding their images from {got.data} "
           f"({got.data_source})")
-    scored = m.score_pairs(net, ds.pairs_to_paths(got.pairs, got.data),
-                           lambda paths: ds.decode_all(paths, cfg["image_size"]), args.batch_size,
-                           device, args.flip, amp=ckpt.get("config", {}).get("mixed_precision"))
-    report = make_report(scored["scores"], got.labels, got.folds, ckpt.get("threshold")) \
-        if args.fold is None else test_fold(args, got, scored, ckpt)
-    out = Path(args.out) if args.out else path.parent / (
-        f"eval-{Path(args.pairs).stem}{'-flip' if args.flip else ''}"
-        f"{'' if args.fold is None else f'-fold{args.fold}'}")
-    write_outputs(out, got, scored, report, cfg)
-    results = {"checkpoint": str(path), "checkpoint_sha256": sha256(path),
-               "model": cfg["model"], "loss": cfg.get("loss"), "distance": cfg.get("distance"),
-               "image_size": cfg["image_size"], "epoch": ckpt.get("epoch"),
-               "pairs": str(args.pairs), "protocol": got.protocol, "data": str(got.data),
-               "data_source": got.data_source, "flip": args.flip,
+    scored = fm.score_pairs(got.pairs, pr.images_of_for(got.images, fm.image_size),
+                            args.batch_size, args.flip)
+    report = make_report(scored["scores"], got.labels, got.folds, fm.threshold) \
+        if args.fold is None else test_fold(args, got, scored, fm)
+    out = out_folder(args, fm, got.path)
+    write_outputs(out, got, scored, report, fm.ckpt["model_config"])
+    results = {**model_fields(fm), "pairs": str(got.path), "protocol": got.protocol,
+               "data": str(got.data), "data_source": got.data_source, "flip": args.flip,
                "images": len(scored["paths"]), "pairs_skipped": got.skipped,
-               "device": str(device), **contamination(got.pairs, ckpt), **report,
-               "time_s": {**scored["seconds"], "total": time.perf_counter() - start}}
+               "device": str(fm.device), **contamination(got.pairs, got.images, fm.ckpt),
+               **report, "time_s": {**scored["seconds"], "total": time.perf_counter() - start}}
     write_atomic(out / "results.json", json.dumps(results, indent=2))
     print_summary(results)
     if args.fold is not None:
@@ -368,44 +487,54 @@ def identification_sets(people):
     return gallery, probes
 
 
-def identification_people(args, ckpt):
-    """The pairs file's people (with --fold, that official fold's) and all their images in
-    the data folder; every input problem as EvalError."""
-    pairs = ds.parse_pairs(args.pairs)
+def identification_people(args, fm):
+    """The pairs file's people (with --fold, that fold's: their <person> folders) and all
+    their images in the one folder those person folders are in; every input problem as
+    EvalError."""
+    path = choose_pairs(args.pairs, fm)
+    data, data_source = choose_data(args.data, path, fm)
+    pairs, images = pr.read_pairs(path, data)
+    if images:
+        raise EvalError(f"{path}: the images of a .bin name no people, so nobody can be "
+                        "enrolled; --identify needs an LFW pairs file or a CSV of "
+                        "<person>/<image> paths")
     if args.fold is not None:
-        folds, protocol = pair_folds(pairs)
-        if "official" not in protocol or args.fold not in set(folds.tolist()):
-            raise EvalError(f"{args.pairs}: has no official fold {args.fold}; --fold needs a "
-                            "pairs file with official folds (pairs.txt has 0-9)")
+        folds, protocol = pair_folds(pairs, path)
+        check_fold(args.fold, folds, protocol, path)
         pairs = [p for p, k in zip(pairs, folds) if k == args.fold]
-    data, data_source = choose_data(args.data, ckpt)
-    found, names = ds.read_identities(data), ds.pair_people(pairs)
+    roots = sorted({Path(p).parent.parent for pair in pairs for p in pair[:2]})
+    if len(roots) > 1:
+        raise EvalError(f"{path}: its images lie in {len(roots)} folders ({roots[0]}, "
+                        f"{roots[1]}, ...); --identify needs every person's folder in one "
+                        "<person>/<image> folder")
+    people_dir = roots[0]
+    found, names = ds.read_identities(people_dir), pr.people_of(pairs)
     missing = sorted(names - set(found))
     if missing and not args.skip_missing:
         more = f" and {len(missing) - N_MISSING} more" if len(missing) > N_MISSING else ""
-        raise EvalError(f"{len(missing)} people of {args.pairs} have no images in {data}: "
+        raise EvalError(f"{len(missing)} people of {path} have no images in {people_dir}: "
                         f"{', '.join(missing[:N_MISSING])}{more}; crop them with `python "
                         "crop_dataset_to_faces.py`, pass the right --data, or --skip-missing "
                         "to leave them out")
     people = {n: found[n] for n in sorted(names) if n in found}
     gallery, probes = identification_sets(people)
     if not gallery:
-        raise EvalError(f"{args.pairs}: none of its people has two images in {data}, so "
+        raise EvalError(f"{path}: none of its people has two images in {people_dir}, so "
                         "nobody can be enrolled; use a pairs file with matched pairs")
-    return SimpleNamespace(pairs=pairs, gallery=gallery, probes=probes, data=data,
-                           data_source=data_source, missing=missing, people=people)
+    return SimpleNamespace(path=path, pairs=pairs, gallery=gallery, probes=probes,
+                           data=people_dir, data_source=data_source, missing=missing,
+                           people=people)
 
 
-def embed_paths(net, paths, image_size, args, device, amp):
-    """Embeddings of image files, each decoded and embedded once, as model.score_pairs does
-    (dataset.decode_all, then model.embed_images under the checkpoint's autocast). Returns
-    (embeddings, images, seconds {decode, embed})."""
+def embed_paths(fm, paths, args):
+    """Embeddings of image files, each decoded and embedded once, as score_pairs does
+    (dataset.decode_all, then FaceModel.embed in the checkpoint's precision). Returns
+    (embeddings, seconds {decode, embed})."""
     t0 = time.perf_counter()
-    images = ds.decode_all(paths, image_size)
+    images = ds.decode_all(paths, fm.image_size)
     t1 = time.perf_counter()
-    with autocast(amp, device):
-        emb = m.embed_images(net, images, ds.eval_transform(), args.batch_size, device, args.flip)
-    return emb, images, {"decode": t1 - t0, "embed": time.perf_counter() - t1}
+    emb = fm.embed(images, args.flip, args.batch_size)
+    return emb, {"decode": t1 - t0, "embed": time.perf_counter() - t1}
 
 
 def plot_cmc(curve, name, path):
@@ -425,12 +554,9 @@ def plot_cmc(curve, name, path):
 
 def write_probes(probes, labels, scores, path):
     """Each probe's true person, whether it is enrolled, and the best-scoring gallery person."""
-    best = scores.argmax(1)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["probe", "person", "enrolled", "best_match", "best_score"])
-        for (name, p), i, s in zip(probes, best, scores.max(1)):
-            w.writerow([Path(p).name, name, int(name in labels), labels[i], f"{s:.6g}"])
+    write_table(path, ["probe", "person", "enrolled", "best_match", "best_score"],
+                ([Path(p).name, name, int(name in labels), labels[i], f"{s:.6g}"]
+                 for (name, p), i, s in zip(probes, scores.argmax(1), scores.max(1))))
 
 
 def print_identification(r):
@@ -454,35 +580,30 @@ def evaluate_identification(args):
     """evaluate.py --identify: embed every image of the people once, score every probe
     against the gallery and write results.json, probes.csv and cmc.png."""
     start = time.perf_counter()
-    device, path, net, ckpt = open_checkpoint(args)
-    cfg = ckpt["model_config"]
-    got = identification_people(args, ckpt)
+    fm = open_model(args)
+    cfg = fm.ckpt["model_config"]
+    got = identification_people(args, fm)
     paths = [p for _, p in got.gallery + got.probes]
-    print(f"{len(got.people)} people of {args.pairs}: embedding their {len(paths)} images "
+    print(f"{len(got.people)} people of {got.path}: embedding their {len(paths)} images "
           f"from {got.data} ({got.data_source})")
-    emb, _, seconds = embed_paths(net, paths, cfg["image_size"], args, device,
-                                  ckpt.get("config", {}).get("mixed_precision"))
+    emb, seconds = embed_paths(fm, paths, args)
     t0 = time.perf_counter()
     n = len(got.gallery)
-    scores = identify.score_matrix(net, emb[n:], identify.prepare_gallery(net, emb[:n])).numpy()
+    scores = fm.score_matrix(emb[n:], fm.prepare_gallery(emb[:n])).numpy()
     labels = [name for name, _ in got.gallery]
     report = metrics.identification_summary(scores, [name for name, _ in got.probes], labels)
     seconds["score"] = time.perf_counter() - t0
-    out = Path(args.out) if args.out else path.parent / (
-        f"eval-identify-{Path(args.pairs).stem}{'-flip' if args.flip else ''}"
-        f"{'' if args.fold is None else f'-fold{args.fold}'}")
+    out = out_folder(args, fm, got.path, "identify-")
     out.mkdir(parents=True, exist_ok=True)
     write_probes(got.probes, labels, scores, out / "probes.csv")
     plot_cmc(report["cmc"], f"{cfg['model']}/{cfg.get('loss')}", out / "cmc.png")
-    results = {"checkpoint": str(path), "checkpoint_sha256": sha256(path),
-               "model": cfg["model"], "loss": cfg.get("loss"), "distance": cfg.get("distance"),
-               "image_size": cfg["image_size"], "epoch": ckpt.get("epoch"),
-               "pairs": str(args.pairs), "fold": args.fold, "data": str(got.data),
-               "data_source": got.data_source, "flip": args.flip, "images": len(paths),
-               "people_missing": len(got.missing), "device": str(device),
+    results = {**model_fields(fm), "pairs": str(got.path), "fold": args.fold,
+               "data": str(got.data), "data_source": got.data_source, "flip": args.flip,
+               "images": len(paths), "people_missing": len(got.missing),
+               "device": str(fm.device),
                "protocol": "closed set: first photo by name enrolled, the others probes; open "
                            "set: people with one photo as non-mated probes; BLUFR DIR at rank 1",
-               **contamination(got.pairs, ckpt), **report,
+               **contamination(got.pairs, None, fm.ckpt), **report,
                "time_s": {**seconds, "total": time.perf_counter() - start}}
     write_atomic(out / "results.json", json.dumps(results, indent=2))
     print_identification(results)
@@ -513,12 +634,18 @@ def compare(base, new, out=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_out(args.out)
         if args.compare:
             return compare(*args.compare, out=args.out)
         return evaluate(args)
-    except (EvalError, ds.ProtocolError, m.CheckpointError, metrics.ScoresError) as e:
+    except (EvalError, DeviceError, ds.ProtocolError, m.CheckpointError,
+            metrics.ScoresError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as e:  # mostly an output folder that cannot be made or written
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}; check the path and its "
+              "permissions, or pass another --out", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

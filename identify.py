@@ -3,11 +3,17 @@
     python identify.py GALLERY QUERY... [--checkpoint PATH] [--top 5] [--threshold T] [--json]
         [--device auto|cpu|cuda]
 
-GALLERY is a folder of <person>/<photo>.jpg (jpeg, png) files: one folder per person, named
-after them, with one or more photos each. Each gallery photo gives one face, its most
-prominent, built with the checkpoint's crop settings as verify.py builds an upload's
-(faces.faces_for_model; same-sized photos are detected in batches); a photo without a face
-is skipped with a warning. Every face of each QUERY photo is answered, with its box: the
+GALLERY is a folder of <person>/<photo>.jpg (jpeg, png, gif, webp) files: one folder per
+person, named after them, with one or more photos each, read by dataset.scan_people's rule
+(hidden files and folders skipped). The checkpoint is loaded as an inference.FaceModel,
+which finds, embeds and scores every face, as in verify.py. Each gallery photo gives one
+face, its most prominent, built with the checkpoint's crop settings as verify.py builds an
+upload's (FaceModel.faces; same-sized photos are detected in batches capped by bytes,
+see detection_batches); a photo without a face, or one that cannot be read (a damaged
+file), is skipped with a warning saying why. The same photo (the same content) under two
+people is kept under the first of them by folder name and skipped, with a warning naming
+both files, under the others: one photo cannot be two people, and keeping it twice would
+tie them on every query. Every face of each QUERY photo is answered, with its box: the
 --top people of the gallery by score, and "unknown" when the best score is below the
 threshold (default: the checkpoint's validation threshold, so that "known" means what "same
 person" means in verify.py).
@@ -18,16 +24,23 @@ person's photos): see person_scores.
 The gallery's embeddings are cached beside it, in GALLERY/.identify-cache-<checkpoint>.pt,
 keyed by each file's content (SHA-256) and the checkpoint: a later run embeds only new or
 changed photos, and removed ones drop out. Photos without a face are recorded too, so they
-are not searched again. Search is one matrix product over the gallery's embeddings.
+are not searched again. A cache whose embeddings do not fit the checkpoint (another shape,
+NaN, infinite or all-zero rows) is rebuilt, with a warning. Search is one matrix product
+over the gallery's embeddings.
+
+In the text output, control characters in names and paths (a newline in a folder's name)
+are printed as escapes (\\n), so each line stays one line; --json keeps them exactly, as
+JSON escapes. --json never prints NaN: a score that is not a finite number is null there.
 
 Without --checkpoint, the newest logs/<run>/best_accuracy.pt is used, or with no run of your
 own the model shipped in models/ (said on the first line).
 Exit status: 0 every query photo answered (a photo without a face is answered "no face
-found"); 2 an error (one line on stderr naming the file and the fix).
+found"); 2 an error, usage and input errors included (one line on stderr naming the file
+and the fix).
 """
 import argparse
-import hashlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -41,13 +54,21 @@ from tqdm import tqdm
 import dataset as ds
 import faces
 import model as m
-from runtime import autocast, error_line, pick_device, set_threads, write_atomic
+from inference import FaceModel
+from runtime import DeviceError, error_line, pick_device, set_threads, sha256_file, write_atomic
 
 CACHE_VERSION = 1
 CACHE_PREFIX = ".identify-cache-"
 BATCH = 64              # gallery faces embedded per call
-DETECT_BATCH = 16       # same-sized gallery photos per MTCNN call
+# Gallery photos wait for MTCNN, grouped by size, while the bytes their detection takes
+# (faces.detection_bytes, the decoded photos included) fit this: peak memory is bounded by
+# bytes, not by a count of photos (16 photos of 4.8 MP at once took 2.6 GB). A photo at the
+# 50 MP limit takes about 210 MB alone; some 190 LFW-sized (250 px) photos fit together.
+DETECT_BYTES = 256 * 2**20
 SAVE_EVERY_S = 60.0     # a long first embedding saves its progress this often; a kill loses less
+# What faces.decode reads: jpg and png, and gif and webp through PIL (an animation's first
+# frame).
+PHOTO_SUFFIXES = ds.IMAGE_SUFFIXES | {".gif", ".webp"}
 
 
 class IdentifyError(Exception):
@@ -73,36 +94,6 @@ def parse_args(argv):
 
 
 # ------------------------------------------------------------------ scores and search
-
-def prepare_gallery(net, embeddings):
-    """The gallery matrix that score_matrix searches, made once per gallery: L2-normalised
-    rows for a cosine net, the embeddings as they are for an L1 one."""
-    return F.normalize(embeddings.float(), dim=1) if net.distance == "cosine" \
-        else embeddings.float()
-
-
-@torch.no_grad()
-def score_matrix(net, queries, gallery):
-    """(M, N) pair scores of M query embeddings against a prepare_gallery() matrix: exactly
-    net.score(query, photo) for every pair (higher = same person), on the scale of the
-    checkpoint's threshold. Cosine nets: one matrix product of unit vectors (cos - 1 for the
-    embedding losses, the bce head on cos otherwise); L1: cdist, or the bce head on
-    |q - g| in chunks of pairs."""
-    queries = queries.float().to(gallery.device)
-    if net.distance == "cosine":
-        cos = F.normalize(queries, dim=1) @ gallery.T
-        if net.loss != "bce":
-            return cos - 1
-        device = net.head.weight.device
-        return net.head(cos.unsqueeze(-1).to(device)).squeeze(-1).float().cpu()
-    if net.loss != "bce":
-        return -torch.cdist(queries, gallery, p=1)
-    n, device = len(gallery), net.head.weight.device
-    flat = torch.arange(len(queries) * n)
-    return torch.cat([net.score(queries[idx // n].to(device), gallery[idx % n].to(device))
-                      .float().cpu() for idx in flat.split(m.SCORE_CHUNK)]
-                     ).view(len(queries), n) if len(flat) else torch.empty(len(queries), n)
-
 
 def person_scores(scores, person_of, n_people):
     """(M, N) photo scores -> (M, n_people): each person's best photo.
@@ -134,47 +125,37 @@ def search_seconds(n, dim=256, k=5, repeats=5, seed=0):
     n_people = max(1, n * 5749 // 13233)
     person_of = torch.randint(0, n_people, (n,), generator=gen)
     query = torch.randn(1, dim, generator=gen)
-    net = SimpleNamespace(loss="arcface", distance="cosine")
+    net = m.SiameseNet(backbone=torch.nn.Identity(), distance="cosine")
     times = []
     for _ in range(repeats + 1):  # the first call warms up
         start = time.perf_counter()
-        search(score_matrix(net, query, gallery), person_of, n_people, k)
+        search(net.score_matrix(query, gallery), person_of, n_people, k)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
 
-# ------------------------------------------------------------------ embedding
+# ------------------------------------------------------------------ the gallery folder
 
-def embed_faces(net, crops, image_size, device, amp):
-    """Embeddings (n, d), float32 on the CPU, of uint8 face crops: fitted to the net's input
-    size and embedded in the checkpoint's mixed precision, as model.score_faces does, so
-    that scores are on the scale of its threshold."""
-    x = torch.stack([ds.fit(c, image_size) for c in crops])
-    with autocast(amp, device):
-        return m.embed_images(net, x, ds.eval_transform(), BATCH, device)
-
-
-def sha256_file(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def scan_gallery(folder):
+    """dataset.scan_people (the one rule for what counts as a person's photo) with the
+    wider PHOTO_SUFFIXES a gallery takes."""
+    return ds.scan_people(folder, suffixes=PHOTO_SUFFIXES)
 
 
 def gallery_files(folder):
-    """[(person, path)] of GALLERY/<person>/<photo>, sorted; hidden files and folders are
-    left out. IdentifyError when the folder is missing or holds no photo."""
+    """[(person, path)] of GALLERY/<person>/<photo>, sorted, by dataset.scan_people's rule:
+    hidden files and folders are left out, linked person folders followed. IdentifyError
+    when the folder is missing or holds no photo."""
     folder = Path(folder)
     if not folder.is_dir():
         raise IdentifyError(f"{folder}: no such gallery folder; pass a folder of "
                             "<person>/<photo>.jpg files, one subfolder per person")
-    files = [(d.name, p) for d in sorted(folder.iterdir())
-             if d.is_dir() and not d.name.startswith(".")
-             for p in sorted(d.iterdir())
-             if p.is_file() and not p.name.startswith(".")
-             and p.suffix.lower() in ds.IMAGE_SUFFIXES]
+    files = [(person, p) for person, photos in scan_gallery(folder).items() for p in photos]
     if not files:
-        loose = sum(p.suffix.lower() in ds.IMAGE_SUFFIXES for p in folder.iterdir())
+        loose = sum(p.suffix.lower() in PHOTO_SUFFIXES for p in folder.iterdir())
         hint = f" ({loose} photos lie directly in it)" if loose else ""
-        raise IdentifyError(f"{folder}: no <person>/<photo> images (jpg, jpeg, png) in it"
+        raise IdentifyError(f"{folder}: no <person>/<photo> images (jpg, jpeg, png, gif, "
+                            f"webp) in it"
                             f"{hint}; put each person's photos in a subfolder named after them")
     return files
 
@@ -183,20 +164,50 @@ def cache_path(folder, ckpt_sha):
     return Path(folder) / f"{CACHE_PREFIX}{ckpt_sha[:16]}.pt"
 
 
-def load_cache(path, ckpt_sha):
+def bad_embeddings(emb):
+    """(n,) True where a row of (n, d) embeddings cannot be searched: NaN, infinite or all
+    zero (a cosine net would score it the same against every query)."""
+    return ~torch.isfinite(emb).all(dim=1) | (emb == 0).all(dim=1)
+
+
+def cache_problem(saved, ckpt_sha, dim):
+    """Why a loaded cache cannot be used for this checkpoint (its embeddings dim wide), or
+    None. Its checkpoint hash alone proves nothing: the file may be forged or damaged."""
+    if not isinstance(saved, dict) or saved.get("version") != CACHE_VERSION:
+        return "not a cache of this version of identify.py"
+    if saved.get("checkpoint_sha256") != ckpt_sha:
+        return "another checkpoint's cache"
+    hashes, emb, failed = saved.get("hashes"), saved.get("embeddings"), saved.get("failed")
+    if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes) \
+            or not isinstance(failed, dict) \
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in failed.items()):
+        return "its photo list is damaged"
+    if not isinstance(emb, torch.Tensor) or not emb.is_floating_point():
+        return "its embeddings are not a float tensor"
+    if not hashes:
+        return None if emb.numel() == 0 else "it holds embeddings of no photo"
+    if emb.ndim != 2 or len(emb) != len(hashes) or (dim is not None and emb.shape[1] != dim):
+        return (f"its embeddings are {tuple(emb.shape)}, not ({len(hashes)}, "
+                f"{dim or 'd'}) for its {len(hashes)} photos")
+    bad = int(bad_embeddings(emb).sum())
+    return f"{bad} of its embeddings are NaN, infinite or zero" if bad else None
+
+
+def load_cache(path, ckpt_sha, dim=None):
     """({sha256: embedding}, {sha256: why no face}) from a cache file; empty when there is
-    none, or when it is damaged or another checkpoint's (with a warning: it is rebuilt)."""
+    none, or when it is damaged, forged or another checkpoint's (with a warning saying why:
+    it is rebuilt). dim: the width of the checkpoint's embeddings, if known."""
     if not path.is_file():
         return {}, {}
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["version"] != CACHE_VERSION or saved["checkpoint_sha256"] != ckpt_sha:
-            raise ValueError("another version or checkpoint")
-        return dict(zip(saved["hashes"], saved["embeddings"])), dict(saved["failed"])
+        why = cache_problem(saved, ckpt_sha, dim)
     except Exception:  # torch.load fails in many ways on a truncated or foreign file
-        print(f"warning: {path}: unreadable or another checkpoint's cache; re-embedding the "
-              "gallery", file=sys.stderr)
+        why = "unreadable"
+    if why:
+        print(f"warning: {printable(path)}: {why}; re-embedding the gallery", file=sys.stderr)
         return {}, {}
+    return dict(zip(saved["hashes"], saved["embeddings"].float())), dict(saved["failed"])
 
 
 def save_cache(path, ckpt_sha, known, failed, live):
@@ -208,60 +219,80 @@ def save_cache(path, ckpt_sha, known, failed, live):
     try:
         write_atomic(path, write=lambda tmp: torch.save(saved, tmp))
     except OSError as e:  # a read-only gallery still answers, it just embeds again next time
-        print(f"warning: {path}: cannot write the cache ({e.strerror or e}); the gallery will "
-              "be embedded again next time", file=sys.stderr)
+        print(f"warning: {printable(path)}: cannot write the cache ({e.strerror or e}); the "
+              "gallery will be embedded again next time", file=sys.stderr)
 
 
-def embed_new(todo, tools, known, failed, save, progress=None):
+def detection_batches(photos, budget=DETECT_BYTES):
+    """MTCNN batches of gallery photos read one at a time: photos, an iterable of (item,
+    (height, width)), go out as lists of items of one size, each list as soon as it must be
+    detected. Photos wait, grouped by size, while the detection bytes
+    (faces.detection_bytes) of all that wait fit the budget; when the next photo would not
+    fit, the batches holding the most bytes are detected first until it does. So memory
+    stays under the budget (plus the photo just read) whatever the sizes and their order,
+    and a photo over the budget on its own is detected alone. The rest go out at the end."""
+    waiting, held = {}, {}  # size -> items; size -> their bytes
+    for item, size in photos:
+        cost = faces.detection_bytes(*size)
+        while waiting and sum(held.values()) + cost > budget:
+            biggest = max(held, key=held.get)
+            held.pop(biggest)
+            yield waiting.pop(biggest)
+        waiting.setdefault(size, []).append(item)
+        held[size] = held.get(size, 0) + cost
+    yield from waiting.values()
+
+
+def embed_new(todo, fm, known, failed, save, progress=None):
     """Detect and embed the gallery photos not in the cache, [(path, sha256)], into known
-    (embeddings) and failed (no face, unreadable): same-sized photos go through MTCNN
-    DETECT_BATCH at a time, faces through the net BATCH at a time. save() now and then, and
-    progress(done, total) after each embedding batch if given (the demo's progress bar)."""
-    pending, waiting, last_save, done = [], {}, time.perf_counter(), 0
+    (embeddings) and failed (no face, unreadable, an embedding that is not finite): photos
+    go through fm's detector in detection_batches, faces through its net about BATCH at a
+    time (fm, an inference.FaceModel, embeds them as verify.py does). save() now
+    and then, and progress(done, total) after each detection batch if given (the demo's
+    progress bar)."""
+    pending, last_save, done = [], time.perf_counter(), [0]
 
-    def detect(shape):
-        batch = waiting.pop(shape, [])
-        if batch:
-            found = faces.faces_for_model(tools.detector, [img for _, img in batch],
-                                          tools.settings)
-            for (sha, _), (crop, _) in zip(batch, found):
-                if crop is None:  # recorded without the path: the key is the content
-                    failed[sha] = "no face found"
-                else:
-                    pending.append((sha, crop))
+    def photos():
+        for path, sha in tqdm(todo, desc="gallery", unit="photo", disable=None, leave=False):
+            done[0] += 1
+            try:
+                image = faces.read_image(path)
+            except faces.FaceError as e:  # unreadable or damaged: skipped with its reason
+                failed[sha] = str(e).removeprefix(f"{path}: ")
+                continue
+            yield (sha, image), tuple(image.shape[1:])
 
-    def embed(everything=False):
-        for shape in list(waiting) if everything else []:
-            detect(shape)
+    def embed():
         if pending:
-            emb = embed_faces(tools.net, [c for _, c in pending], tools.image_size,
-                              tools.device, tools.amp)
-            known.update(zip([h for h, _ in pending], emb))
+            emb = fm.embed([c for _, c in pending])
+            for (sha, _), row, bad in zip(pending, emb, bad_embeddings(emb).tolist()):
+                if bad:  # would score the same against every query, or NaN
+                    failed[sha] = "the model gave it an embedding of NaN, infinite or zero " \
+                                  "values (a damaged checkpoint?)"
+                else:
+                    known[sha] = row
             pending.clear()
-        if progress is not None:
-            progress(done, len(todo))
-    for path, sha in tqdm(todo, desc="gallery", unit="photo", disable=None, leave=False):
-        done += 1
-        try:
-            image = faces.read_image(path)
-        except faces.FaceError as e:
-            failed[sha] = str(e).removeprefix(f"{path}: ")
-            continue
-        waiting.setdefault(tuple(image.shape), []).append((sha, image))
-        if len(waiting[tuple(image.shape)]) >= DETECT_BATCH:
-            detect(tuple(image.shape))
-        if sum(map(len, waiting.values())) >= DETECT_BATCH:  # photos of many sizes
-            embed(everything=True)
+    for batch in detection_batches(photos()):
+        found = fm.faces([img for _, img in batch])
+        for (sha, _), (crop, _) in zip(batch, found):
+            if crop is None:  # recorded without the path: the key is the content
+                failed[sha] = "no face found"
+            else:
+                pending.append((sha, crop))
         if len(pending) >= BATCH:
             embed()
         if time.perf_counter() - last_save > SAVE_EVERY_S:
-            embed(everything=True)
+            embed()
             save()
             last_save = time.perf_counter()
-    embed(everything=True)
+        if progress is not None:
+            progress(done[0], len(todo))
+    embed()
+    if progress is not None:
+        progress(len(todo), len(todo))
 
 
-def gallery_state(folder, files, tools):
+def gallery_state(folder, files, fm):
     """What the cache already holds for the folder's photos: (hashes {path: sha256},
     warnings, known, failed, todo [(path, sha256)] of the photos not embedded yet). Every
     file is hashed once here; load_gallery takes the state, so a caller that first wants to
@@ -272,32 +303,41 @@ def gallery_state(folder, files, tools):
             hashes[path] = sha256_file(path)
         except OSError as e:
             warnings.append(f"{path}: skipped, cannot read it ({e.strerror or e})")
-    known, failed = load_cache(cache_path(folder, tools.ckpt_sha), tools.ckpt_sha)
+    known, failed = load_cache(cache_path(folder, fm.sha256), fm.sha256,
+                               getattr(fm.net.backbone, "out_dim", None))
     todo = [(p, h) for h, p in {h: p for p, h in hashes.items()
                                 if h not in known and h not in failed}.items()]
     return hashes, warnings, known, failed, todo
 
 
-def load_gallery(folder, files, tools, state=None, progress=None):
-    """The gallery, its cache brought up to date: people, photos with a face, each photo's
-    person, the search matrix, and a warning per photo left out. state: gallery_state's, if
-    the caller has it; progress(done, total): called while new photos are embedded."""
-    hashes, warnings, known, failed, todo = state or gallery_state(folder, files, tools)
+def load_gallery(folder, files, fm, state=None, progress=None):
+    """The gallery of inference.FaceModel fm, its cache brought up to date: people, photos
+    with a face, each photo's person, the search matrix, and a warning per photo left out.
+    state: gallery_state's, if the caller has it; progress(done, total): called while new
+    photos are embedded."""
+    hashes, warnings, known, failed, todo = state or gallery_state(folder, files, fm)
     warnings = list(warnings)
-    where, live = cache_path(folder, tools.ckpt_sha), set(hashes.values())
+    where, live = cache_path(folder, fm.sha256), set(hashes.values())
 
     def save():
-        save_cache(where, tools.ckpt_sha, known, failed, live)
+        save_cache(where, fm.sha256, known, failed, live)
     if todo or not where.is_file() or (set(known) | set(failed)) - live:
-        embed_new(todo, tools, known, failed, save, progress)
+        embed_new(todo, fm, known, failed, save, progress)
         save()
-    index, people, photos, person_of, rows = {}, [], [], [], []
+    index, people, photos, person_of, rows, owner = {}, [], [], [], [], {}
     for person, path in files:
         h = hashes.get(path)
         if h is None:
             continue
         if h in failed:
             warnings.append(f"{path}: skipped, {failed[h]}")
+            continue
+        first = owner.setdefault(h, (person, path))  # files come sorted by person
+        if first[0] != person:
+            warnings.append(f"{path}: skipped, the same photo (the same content) as {first[1]}, "
+                            f"which is kept under {first[0]}, the first of its people by folder "
+                            "name; one photo cannot be two people: remove it from the wrong "
+                            "person's folder")
             continue
         if person not in index:
             index[person] = len(people)
@@ -312,7 +352,7 @@ def load_gallery(folder, files, tools, state=None, progress=None):
     return SimpleNamespace(
         folder=Path(folder), people=people, photos=photos, person_of=person_of,
         members=[torch.nonzero(person_of == i).flatten() for i in range(len(people))],
-        matrix=prepare_gallery(tools.net, torch.stack(rows)), warnings=warnings,
+        matrix=fm.prepare_gallery(torch.stack(rows)), warnings=warnings,
         n_new=len(todo), n_files=len(files))
 
 
@@ -335,65 +375,97 @@ def answer_faces(scores, gallery, k, threshold):
     return out
 
 
-def answer_queries(queries, tools, gallery, k, threshold):
-    """Every face of every query photo, answered: [{query, n_faces, faces: [{box, ...}]}]."""
-    found = [(q, faces.every_face_for_model(tools.detector, image, tools.settings))
-             for q, image in queries]
+def answer_queries(queries, fm, gallery, k, threshold):
+    """Every face of every query photo, answered by inference.FaceModel fm: [{query,
+    n_faces, faces: [{box, ...}]}]."""
+    found = [(q, fm.every_face(image)) for q, image in queries]
     crops = [crop for _, fs in found for crop, _ in fs]
     answers = iter([])
     if crops:
-        emb = embed_faces(tools.net, crops, tools.image_size, tools.device, tools.amp)
-        answers = iter(answer_faces(score_matrix(tools.net, emb.to(gallery.matrix.device),
-                                                 gallery.matrix), gallery, k, threshold))
+        scores = fm.score_matrix(fm.embed(crops), gallery.matrix)
+        answers = iter(answer_faces(scores, gallery, k, threshold))
     return [{"query": str(q), "n_faces": len(fs),
              "faces": [{"box": info["box"], **next(answers)} for _, info in fs]}
             for q, fs in found]
 
 
+def check_threshold(value, where, fix):
+    """The threshold as a float, or IdentifyError when it is NaN or infinite: NaN would make
+    every face unknown (no score is >= NaN), infinity every face unknown or known."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise IdentifyError(f"{where} {value} is not a finite number; {fix}")
+    return value
+
+
 def identify(args, say=print):
     """Load, embed the gallery (cache first), answer every query; say() the checkpoint first."""
-    queries = [(q, faces.read_image(q)) for q in args.queries]  # cheap checks first
+    if args.threshold is not None:  # cheap checks first
+        check_threshold(args.threshold, "--threshold", "pass a score such as 0.5, or leave it "
+                        "out for the checkpoint's own")
+    queries = [(q, faces.read_image(q)) for q in args.queries]
     files = gallery_files(args.gallery)
     device = pick_device(args.device)
     set_threads()
-    path = m.resolve_checkpoint(args.checkpoint)
-    net, ckpt = m.load_checkpoint(path, device)
-    settings = m.checkpoint_crop_settings(ckpt, path)
-    threshold = float(ckpt["threshold"] if args.threshold is None else args.threshold)
+    fm = FaceModel.load(args.checkpoint, device)
+    path = fm.path
+    threshold = float(args.threshold) if args.threshold is not None else \
+        check_threshold(fm.threshold, f"{path}: its threshold", "pass --threshold")
     source = "the checkpoint's validation threshold" if args.threshold is None else "--threshold"
-    say(f"{m.describe_checkpoint(path)} (threshold {threshold:.4f}, {source})")
-    tools = SimpleNamespace(
-        net=net, settings=settings, detector=faces.detector_for(settings, device),
-        device=device, image_size=ckpt["model_config"]["image_size"],
-        amp=ckpt.get("config", {}).get("mixed_precision", False), ckpt_sha=sha256_file(path))
-    gallery = load_gallery(args.gallery, files, tools)
+    say(printable(f"{fm.describe()} (threshold {threshold:.4f}, {source})"))
+    gallery = load_gallery(args.gallery, files, fm)
     for w in gallery.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    say(f"gallery: {args.gallery}: {len(gallery.people)} people in {len(gallery.photos)} "
-        f"photos with a face ({gallery.n_files - len(gallery.photos)} skipped); "
+        print(f"warning: {printable(w)}", file=sys.stderr)
+    say(f"gallery: {printable(args.gallery)}: {len(gallery.people)} people in "
+        f"{len(gallery.photos)} photos with a face "
+        f"({gallery.n_files - len(gallery.photos)} skipped); "
         f"{gallery.n_new} photos embedded now, the others from the cache")
-    results = answer_queries(queries, tools, gallery, args.top, threshold)
+    results = answer_queries(queries, fm, gallery, args.top, threshold)
     common = {"gallery": str(args.gallery), "checkpoint": str(path), "threshold": threshold,
               "threshold_source": "checkpoint" if args.threshold is None else "--threshold"}
     return [{**r, **common} for r in results]
 
 
+def printable(text):
+    """Text that prints as one line: each character Python's repr would escape (control
+    characters such as a newline or a terminal escape, a file name's undecodable bytes,
+    line separators, bidirectional overrides) written as that escape (\\n, \\x1b, \\udcff);
+    letters of every script stay as they are."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def json_safe(value):
+    """value with each float that is not finite (NaN, infinity) made None: JSON has no NaN,
+    and json.dumps would otherwise print one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def print_results(results):
     for r in results:
+        query = printable(r["query"])
         if not r["n_faces"]:
-            print(f"{r['query']}: no face found")
+            print(f"{query}: no face found")
             continue
-        print(f"{r['query']}: {r['n_faces']} face{'s' if r['n_faces'] > 1 else ''}")
+        print(f"{query}: {r['n_faces']} face{'s' if r['n_faces'] > 1 else ''}")
         for i, f in enumerate(r["faces"], 1):
             box = ", ".join(f"{v:.0f}" for v in f["box"])
-            verdict = f"{f['identity']} (score {f['score']:.4f} >= threshold " \
+            verdict = f"{printable(f['identity'])} (score {f['score']:.4f} >= threshold " \
                 f"{r['threshold']:.4f})" if f["known"] else \
-                f"unknown (best score {f['score']:.4f} < threshold {r['threshold']:.4f})"
+                f"unknown (best score {f['score']:.4f} < threshold {r['threshold']:.4f})" \
+                if math.isfinite(f["score"]) else \
+                f"unknown (the score is {f['score']}, not a number: a damaged checkpoint?)"
             print(f"  face {i} at [{box}]: {verdict}")
-            width = max(len(t["person"]) for t in f["top"])
-            for rank, t in enumerate(f["top"], 1):
+            names = [printable(t["person"]) for t in f["top"]]
+            for rank, (t, name) in enumerate(zip(f["top"], names), 1):
                 photo = Path(t["photo"]).relative_to(r["gallery"])  # the person's best photo
-                print(f"    {rank}. {t['person']:<{width}}  {t['score']:.4f}  ({photo})")
+                print(f"    {rank}. {name:<{max(map(len, names))}}  {t['score']:.4f}  "
+                      f"({printable(photo)})")
 
 
 def main(argv=None):
@@ -401,14 +473,14 @@ def main(argv=None):
     try:
         # --json keeps stdout for the JSON alone, which names the checkpoint in each entry.
         results = identify(args, say=(lambda line: None) if args.json else print)
-    except (IdentifyError, faces.FaceError, m.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (IdentifyError, DeviceError, faces.FaceError, m.CheckpointError) as e:
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # any other failure is an error too, in one line
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        print(f"error: {printable(error_line(e))}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(json_safe(results), indent=2, allow_nan=False))
     else:
         print_results(results)
     return 0

@@ -175,25 +175,83 @@ class ScoresError(ValueError):
     """A scores.csv that cannot be read or compared; the message names the file and the fix."""
 
 
+SCORE_COLUMNS = ("path_a", "path_b", "same", "fold", "score")
+# What identifies a pair: its two image paths, or in a scores.csv written before pairs were
+# paths (LFW's tuples only), its two names and numbers; either is read.
+PAIR_KEYS = (("path_a", "path_b"), ("name_a", "number_a", "name_b", "number_b"))
+REWRITE = "re-run evaluate.py to write it again"
+
+
+def _number(text, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def _score_row(row, path, line, width, key):
+    """(key, label, fold, score) of one scores.csv row (a csv.DictReader dict), or
+    ScoresError naming the line. width: the header's number of fields; key: its PAIR_KEYS."""
+    where = f"{path}, line {line}"
+    if None in row or None in row.values():  # DictReader's marks of a long and a short row
+        n = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
+        raise ScoresError(f"{where}: {n} fields where its header has {width}; {REWRITE}")
+    same, fold, score = (_number(row[c], kind) for c, kind in
+                         (("same", int), ("fold", int), ("score", float)))
+    if same not in (0, 1) or fold is None:
+        raise ScoresError(f"{where}: same {row['same']!r} and fold {row['fold']!r} must be 0 or "
+                          f"1 and a whole number; {REWRITE}")
+    if score is None or not np.isfinite(score):  # NaN would pass every comparison silently
+        raise ScoresError(f"{where}: the score {row['score']!r} is not a finite number; "
+                          f"{REWRITE}")
+    return tuple(row[c] for c in key), same, fold, score
+
+
+def _pair_key(path, fieldnames):
+    """The PAIR_KEYS columns of a scores.csv header, or ScoresError naming what is missing."""
+    fields = fieldnames or ()
+    key = next((k for k in PAIR_KEYS if all(c in fields for c in k)), PAIR_KEYS[0])
+    missing = [c for c in key + SCORE_COLUMNS[2:] if c not in fields]
+    if missing:
+        raise ScoresError(f"{path}, line 1: no {', '.join(missing)} column in its header; "
+                          f"{REWRITE}")
+    return key
+
+
 def read_scores(folder):
-    """(pair keys, labels, folds, scores) of the scores.csv that evaluate.py wrote in FOLDER."""
+    """(pair keys, labels, folds, scores) of the scores.csv that evaluate.py wrote in FOLDER
+    (path_a,path_b,same,fold,score; or, from before, LFW's name_a,number_a,name_b,number_b in
+    place of the paths). ScoresError, naming the file and the line, for a file that is
+    missing, lacks a column, holds a short or long row, a score that is not a finite number
+    (NaN, text), or no pair."""
     path = Path(folder) / "scores.csv"
     if not path.is_file():
         raise ScoresError(f"{path}: missing; pass a folder that evaluate.py wrote")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    keys = [(r["name_a"], r["number_a"], r["name_b"], r["number_b"]) for r in rows]
-    return (keys, np.array([int(r["same"]) for r in rows]), np.array([int(r["fold"]) for r in rows]),
-            np.array([float(r["score"]) for r in rows]))
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            key = _pair_key(path, reader.fieldnames)
+            rows = [_score_row(row, path, reader.line_num, len(reader.fieldnames), key)
+                    for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ScoresError(f"{path}: cannot read it ({e}); {REWRITE}") from None
+    if not rows:
+        raise ScoresError(f"{path}: no pairs in it, only a header; {REWRITE}")
+    keys, labels, folds, scores = zip(*rows)
+    return list(keys), np.array(labels), np.array(folds), np.array(scores, dtype=np.float64)
 
 
 def compare_scores(base, new, **bootstrap):
     """paired_bootstrap of two evaluation folders of the same pairs: NEW's accuracy minus
     BASE's. A single-fold pairs file (DevTest) gets balanced folds for the thresholds."""
-    (keys_a, labels, folds, a), (keys_b, _, _, b) = read_scores(base), read_scores(new)
-    if keys_a != keys_b:
+    (keys_a, labels, folds, a), (keys_b, labels_b, _, b) = read_scores(base), read_scores(new)
+    if keys_a != keys_b or not np.array_equal(labels, labels_b):
         raise ScoresError(f"{base} and {new} scored different pairs; compare evaluations of the "
                           "same pairs file")
+    if len(np.unique(labels)) < 2:
+        raise ScoresError(f"{Path(base) / 'scores.csv'}: its pairs are all "
+                          f"{'same' if labels[0] else 'different'}; an accuracy difference "
+                          "needs both same and different pairs")
     if len(np.unique(folds)) < 2:
         folds = balanced_folds(labels)
     return paired_bootstrap(a, b, labels, folds, **bootstrap)

@@ -3,23 +3,30 @@
     python verify.py IMAGE_A IMAGE_B [--checkpoint logs/<run>/best_accuracy.pt] [--threshold T]
         [--json] [--device auto|cpu|cuda]
 
-Each photo's face is built with the crop settings the checkpoint's training crops were made
-with (faces.face_for_model: detector thresholds, minimum face, align or bbox, size, margin and
-the JPEG round trip). One rule differs from the crops: with several faces, an upload keeps the
-most prominent one (the crops keep the one nearest the centre, as LFW labels them), and the
-output says so. Both faces are embedded and the score is compared with the threshold
+The checkpoint is loaded as an inference.FaceModel, the one object every entry point scores
+through. Each photo's face is built with the crop settings the checkpoint's training crops
+were made with (FaceModel.face: detector thresholds, minimum face, align or bbox, size,
+margin and the JPEG round trip). One rule differs from the crops: with several faces, an
+upload keeps the most prominent one (the crops keep the one nearest the centre, as LFW
+labels them), and the output says so. Both faces are embedded at the net's input size and
+in its precision (FaceModel.score_faces) and the score is compared with the threshold
 (default: the checkpoint's own validation threshold).
 Without --checkpoint, the newest logs/<run>/best_accuracy.pt is used, or with no run of your
 own the model shipped in models/ (said on the first line).
-Exit status: 0 same person, 1 different people, 2 an error (one line on stderr).
+Exit status: 0 same person, 1 different people, 2 an error (one line on stderr): a bad
+argument (--device cuda without a GPU, a --threshold that is NaN or infinite), a file that
+cannot be read, a photo without a face, or a model that scores the pair NaN. An error is
+never 1, which means "different people". --json never prints NaN.
 """
 import argparse
 import json
+import math
 import sys
 
 import faces
 import model as m
-from runtime import error_line, pick_device, set_threads
+from inference import FaceModel
+from runtime import DeviceError, error_line, pick_device, set_threads
 
 LOGS = "logs"
 
@@ -41,39 +48,50 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def face(detector, path, image, settings):
+def face(fm, path, image):
     """The face of one photo as the checkpoint expects it, or a FaceError naming the file."""
     try:
-        return faces.face_for_model(detector, image, settings)
+        return fm.face(image)
     except faces.FaceError as e:
         raise faces.FaceError(f"{path}: {e}; use a photo where the face is clearly visible "
                               "and roughly frontal") from None
 
 
+def finite(value, where, fix):
+    """value as a float, or VerifyError when it is NaN or infinite: no verdict can come of
+    it (every score is < NaN) and JSON cannot hold it."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise VerifyError(f"{where} {value} is not a finite number; {fix}")
+    return value
+
+
 def verify(args):
-    path = m.resolve_checkpoint(args.checkpoint, LOGS)
-    images = [faces.read_image(p) for p in (args.image_a, args.image_b)]  # cheap checks first
+    if args.threshold is not None:  # cheap checks first
+        finite(args.threshold, "--threshold", "pass a score such as 0.5, or leave it out for "
+               "the checkpoint's own")
+    path = m.resolve_checkpoint(args.checkpoint, LOGS)  # a missing one said before any work
+    images = [faces.read_image(p) for p in (args.image_a, args.image_b)]
     device = pick_device(args.device)
     set_threads()
-    net, ckpt = m.load_checkpoint(path, device)
-    settings = m.checkpoint_crop_settings(ckpt, path)
-    detector = faces.detector_for(settings, device)
-    (crop_a, info_a), (crop_b, info_b) = [face(detector, p, img, settings) for p, img in
+    fm = FaceModel.load(path, device)
+    (crop_a, info_a), (crop_b, info_b) = [face(fm, p, img) for p, img in
                                           zip((args.image_a, args.image_b), images)]
     warnings = [f"{p}: {info['n_faces']} faces found; used {info['rule_text']}"
                 for p, info in ((args.image_a, info_a), (args.image_b, info_b))
                 if info["n_faces"] > 1]
-    score = m.score_faces(net, ckpt["model_config"]["image_size"], crop_a, crop_b,
-                          amp=ckpt["config"].get("mixed_precision", False))
-    threshold = ckpt["threshold"] if args.threshold is None else args.threshold
+    threshold = finite(fm.threshold, f"{path}: its threshold", "pass --threshold") \
+        if args.threshold is None else float(args.threshold)
+    score = finite(fm.score_faces(crop_a, crop_b), f"{path}: the pair's score",
+                   "its weights are damaged; pass another checkpoint")
     same = score >= threshold
     return {"verdict": "same person" if same else "different people", "same": bool(same),
             "score": score, "threshold": float(threshold),
             "threshold_source": "checkpoint" if args.threshold is None else "--threshold",
-            "checkpoint": str(path), "shipped": path.resolve() == m.SHIPPED,
-            "model_line": m.describe_checkpoint(path, LOGS), "images": [str(args.image_a), str(args.image_b)],
+            "checkpoint": str(path), "shipped": fm.shipped, "model_line": fm.describe(LOGS),
+            "images": [str(args.image_a), str(args.image_b)],
             "faces_per_image": [info_a["n_faces"], info_b["n_faces"]],
-            "boxes": [info_a["box"], info_b["box"]], "crop_settings": settings,
+            "boxes": [info_a["box"], info_b["box"]], "crop_settings": fm.settings,
             "warnings": warnings}
 
 
@@ -81,14 +99,15 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         result = verify(args)
-    except (VerifyError, faces.FaceError, m.CheckpointError) as e:
+        text = json.dumps(result, indent=2, allow_nan=False)  # every float checked in verify
+    except (VerifyError, DeviceError, faces.FaceError, m.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # any other failure is an error too, never a verdict (exit 1)
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(text)
     else:
         if result["shipped"]:
             print(result["model_line"])

@@ -32,6 +32,16 @@ def write_people(image_dir, counts, size=48, seed=0):
     return image_dir
 
 
+def write_jpeg(path, array):
+    """A photo file of an (H, W, 3) or (H, W) uint8 array, its folders made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = t.permute(2, 0, 1) if t.ndim == 3 else t.expand(3, *t.shape)
+    path.write_bytes(encode_jpeg(t.contiguous(), quality=95).numpy().tobytes())
+    return path
+
+
 def write_view1_protocol(root, train_counts, test_counts, n_test_pairs=20, seed=0):
     """peopleDevTrain.txt and pairsDevTest.txt (matched then mismatched) for synthetic people."""
     import random

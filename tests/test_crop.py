@@ -10,17 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.io import decode_image, encode_jpeg, encode_png
+from torchvision.io import decode_image, encode_png
 
 import crop_dataset_to_faces as crop
 import faces
 from conftest import LFW_DIR, needs_lfw
-
-
-def jpeg(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_jpeg(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1),
-                                 quality=95).numpy().tobytes())
+from conftest import write_jpeg as jpeg
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,21 @@ on a tiny checkpoint, contamination, missing images and embed-once."""
 import csv
 import hashlib
 import json
+import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
+from sklearn.model_selection import KFold
 
 import dataset as ds
 import evaluate
+import metrics
 import model as m
+import pairs as pr
 import training
 import trainer2
 from conftest import LFW_DIR, needs_lfw, tiny_args, write_people, write_view1_protocol
@@ -178,10 +183,11 @@ def test_one_fold_as_test_set_takes_its_threshold_from_the_other_folds(tiny, tmp
     assert r["test_fold"]["accuracy"] == pytest.approx(0.9) and r["n_pairs"] == 10
     assert r["people_in_pairs"] == len(ds.pair_people(ds.parse_pairs(pairs)[:10]))
     rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
-    assert len(rows) == 11 and rows[0].startswith("name_a,number_a")
+    assert len(rows) == 11 and rows[0] == "path_a,path_b,same,fold,score"
+    assert {row.split(",")[3] for row in rows[1:]} == {"0"}  # the test fold's pairs alone
     assert "fold 0   accuracy 0.9000" in out
     code, _, err = run(capsys, ckpt, "--pairs", pairs, "--out", tmp_path / "o2", "--fold", 12)
-    assert code == 1 and "has no official fold 12" in err
+    assert code == 2 and "has no official fold 12" in err
 
 
 # ---------------------------------------------------------------- folds
@@ -193,20 +199,20 @@ def test_view2_folds_follow_the_file_layout(tmp_path):
         matched = (lineno - 2) % 6 < 3
         lines.append(f"L{lineno}\t1\t2" if matched else f"L{lineno}\t1\tM{lineno}\t1")
     (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
-    pairs = ds.parse_pairs(tmp_path / "pairs.txt")
-    folds, protocol = evaluate.pair_folds(pairs)
+    pairs, _ = pr.read_pairs(tmp_path / "pairs.txt", tmp_path)
+    folds, protocol = evaluate.pair_folds(pairs, tmp_path / "pairs.txt")
     assert protocol == "10 official folds"
-    for (name, _, _, _, same, _), fold in zip(pairs, folds):
-        lineno = int(name[1:])
+    for pair, fold in zip(pairs, folds):
+        lineno = int(pair.path_a.parent.name[1:])
         assert fold == (lineno - 2) // 6
-        assert same == ((lineno - 2) % 6 < 3)
+        assert pair.same == ((lineno - 2) % 6 < 3)
 
 
 def test_single_set_file_gets_ten_balanced_folds(tiny):
     root, _ = tiny
-    pairs = ds.parse_pairs(root / "pairsDevTest.txt")  # 20 + 20 pairs
-    folds, protocol = evaluate.pair_folds(pairs)
-    labels = np.array([p[4] for p in pairs])
+    pairs, _ = pr.read_pairs(root / "pairsDevTest.txt", root / "images")  # 20 + 20 pairs
+    folds, protocol = evaluate.pair_folds(pairs, root / "pairsDevTest.txt")
+    labels = np.array([p.same for p in pairs])
     assert "10 class-balanced folds" in protocol
     for k in range(10):
         assert (labels[folds == k] == 1).sum() == (labels[folds == k] == 0).sum() == 2
@@ -215,16 +221,17 @@ def test_single_set_file_gets_ten_balanced_folds(tiny):
 @needs_lfw
 def test_real_pairs_txt_has_ten_folds_of_300_and_300():
     path = Path(LFW_DIR) / "pairs.txt"
-    pairs = ds.parse_pairs(path)
-    folds, protocol = evaluate.pair_folds(pairs)
-    labels = np.array([p[4] for p in pairs])
+    pairs, _ = pr.read_pairs(path, "images")
+    folds, protocol = evaluate.pair_folds(pairs, path)
+    labels = np.array([p.same for p in pairs])
     assert protocol == "10 official folds" and len(pairs) == 6000
     body = path.read_text().splitlines()[1:]
     for k in range(10):
         assert (labels[folds == k] == 1).sum() == (labels[folds == k] == 0).sum() == 300
         # Fold k is the file's lines k*600+2 .. k*600+601: matched first, then mismatched.
-        assert body[k * 600].split()[0] == pairs[k * 600][0] and pairs[k * 600][4] == 1
-        assert body[k * 600 + 300].split()[2] == pairs[k * 600 + 300][2]
+        first, mismatched = pairs[k * 600], pairs[k * 600 + 300]
+        assert body[k * 600].split()[0] == first.path_a.parent.name and first.same == 1
+        assert body[k * 600 + 300].split()[2] == mismatched.path_b.parent.name
 
 
 # ---------------------------------------------------------------- end to end
@@ -254,13 +261,22 @@ def test_end_to_end_writes_every_output_and_matches_naive_scoring(tiny, capsys):
     scores = naive_scores(net, root, pairs, amp=False)
     labels = np.array([p[4] for p in pairs])
     assert csv_scores(out_dir / "scores.csv") == pytest.approx(scores, rel=1e-5, abs=1e-6)
+    # The file's order, each image named under --data: <person>/<image>.
+    with open(out_dir / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["path_a"], r["path_b"]) for r in rows] == [
+        (f"{a}/{a}_{i:04d}.jpg", f"{b}/{b}_{j:04d}.jpg") for a, i, b, j, _, _ in pairs]
+    # Today's numbers: metrics.summary of the reference scores, in 10 class-balanced folds.
+    today = metrics.summary(scores, labels, metrics.balanced_folds(labels))
+    assert r["kfold"]["fold_accuracies"] == pytest.approx(today["kfold"]["fold_accuracies"])
+    assert r["protocol"] == "10 class-balanced folds of one set"
     assert r["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
     v = r["at_validation_threshold"]
     assert v["threshold"] == pytest.approx(saved["threshold"])
     assert v["accuracy"] == pytest.approx(accuracy_score(labels, scores >= saved["threshold"]))
     # Each fold's threshold is one of the best on the other folds, and its test accuracy is
     # what sklearn gives at that threshold.
-    folds = evaluate.pair_folds(pairs)[0]
+    folds = metrics.balanced_folds(labels)
     candidates = np.concatenate([np.sort(scores) - 1e-9, [scores.max() + 1]])
     for k, (t, acc) in enumerate(zip(r["kfold"]["thresholds"], r["kfold"]["fold_accuracies"])):
         train = folds != k
@@ -333,7 +349,7 @@ def test_missing_images_name_the_files_and_skip_missing_works(tiny, tmp_path, ca
         [("Test_Person_00", 1, "Test_Person_01", 1), ("Test_Person_02", 1, "Test_Person_03", 1),
          ("Test_Person_04", 1, "Test_Person_05", 1)])])
     code, out, err = run(capsys, ckpt, "--pairs", pairs, "--out", tmp_path / "o")
-    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1
     assert "Test_Person_00_0009.jpg" in err and "crop_dataset_to_faces.py" in err \
         and "--skip-missing" in err
     code, out, err = run(capsys, ckpt, "--pairs", pairs, "--out", tmp_path / "o", "--skip-missing")
@@ -346,26 +362,38 @@ def test_bad_checkpoint_or_pairs_is_one_clear_line(tiny, tmp_path, capsys):
     root, ckpt = tiny
     pairs = root / "pairsDevTest.txt"
     code, _, err = run(capsys, tmp_path / "nope.pt", "--pairs", pairs)
-    assert code == 1 and "nope.pt: no such checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "nope.pt: no such checkpoint" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "broken.pt").write_bytes(ckpt.read_bytes()[:1000])
     code, _, err = run(capsys, tmp_path / "broken.pt", "--pairs", pairs)
-    assert code == 1 and "broken.pt: cannot load it (it is truncated or not a PyTorch file)" in err
+    assert code == 2 and "broken.pt: cannot load it (it is truncated or not a PyTorch file)" in err
     assert len(err.strip().splitlines()) == 1
     saved = torch.load(ckpt, weights_only=True)
     saved["model_config"]["embedding_dim"] = 16  # as if model.py had changed since training
     torch.save(saved, tmp_path / "other.pt")
     code, _, err = run(capsys, tmp_path / "other.pt", "--pairs", pairs)
-    assert code == 1 and "other.pt: its weights do not fit the network model.py builds" in err
+    assert code == 2 and "other.pt: its weights do not fit the network model.py builds" in err
     (tmp_path / "bad.txt").write_text("3\nA\t1\t2\n")
     code, _, err = run(capsys, ckpt, "--pairs", tmp_path / "bad.txt")
-    assert code == 1 and "bad.txt" in err and "re-fetch" in err
+    assert code == 2 and "bad.txt" in err and "re-fetch" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_too_few_pairs_to_cut_into_folds_is_one_line_not_a_crash(tiny, tmp_path, capsys):
+    """One same and one different pair fall in one fold, whose threshold would be chosen on
+    no pairs at all: an error naming the file, not an IndexError from metrics."""
+    root, ckpt = tiny
+    pairs = write_pairs(tmp_path / "two.txt", [([("Test_Person_00", 1, 2)],
+                                                [("Test_Person_00", 1, "Test_Person_01", 1)])])
+    code, out, err = run(capsys, ckpt, "--pairs", pairs, "--out", tmp_path / "o")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{pairs}: 2 pairs are too few to cut into folds" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_fold_needs_a_file_with_official_folds(tiny, capsys):
     root, ckpt = tiny
     code, _, err = run(capsys, ckpt, "--pairs", root / "pairsDevTest.txt", "--fold", 3)
-    assert code == 1 and "has no official fold 3" in err
+    assert code == 2 and "has no official fold 3" in err
 
 
 def test_compare_reports_the_paired_difference_and_refuses_other_pairs(tmp_path, capsys):
@@ -390,5 +418,183 @@ def test_compare_reports_the_paired_difference_and_refuses_other_pairs(tmp_path,
                           "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "roc_compare.png").stat().st_size > 1000
     scores_csv(tmp_path / "other", new, [n + "x" for n in names])
-    assert evaluate.main(["--compare", str(tmp_path / "base"), str(tmp_path / "other")]) == 1
+    assert evaluate.main(["--compare", str(tmp_path / "base"), str(tmp_path / "other")]) == 2
     assert "scored different pairs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- pairs beyond LFW's files
+
+def insightface_bin(path, bins, same):
+    """A .bin as insightface's eval/verification.py loads it (pickle.load of (bins,
+    issame_list)): bins[2i] and bins[2i + 1] the encoded images of pair i, written here
+    without pairs.py."""
+    with open(path, "wb") as f:
+        pickle.dump(([bytes(b) for b in bins], [bool(s) for s in same]), f,
+                    protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def kfold_ids(n, k=10):
+    """Each pair's test fold under sklearn's KFold(k, shuffle=False), as insightface cuts."""
+    ids = np.empty(n, dtype=int)
+    for fold, (_, test) in enumerate(KFold(k, shuffle=False).split(np.arange(n))):
+        ids[test] = fold
+    return ids
+
+
+def pairs_csv(path, rows, folds=None):
+    lines = ["path_a,path_b,same" + (",fold" if folds is not None else "")]
+    lines += [f"{a},{b},{int(s)}" + (f",{folds[i]}" if folds is not None else "")
+              for i, (a, b, s) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_a_bin_scores_as_the_same_pairs_given_as_csv(tiny, tmp_path, capsys):
+    """The DevTest pairs as an insightface .bin (their JPEG bytes inside it) and as a CSV of
+    the same files with insightface's folds: the same scores and the same figures."""
+    root, ckpt = tiny
+    lfw = ds.parse_pairs(root / "pairsDevTest.txt")
+    rows = [(ds.image_path(root / "images", a, i), ds.image_path(root / "images", b, j), same)
+            for a, i, b, j, same, _ in lfw]
+    binary = insightface_bin(tmp_path / "devtest.bin", [p.read_bytes() for r in rows
+                                                        for p in r[:2]], [r[2] for r in rows])
+    table = pairs_csv(tmp_path / "devtest.csv", rows, kfold_ids(len(rows)))
+    code, out, err = run(capsys, ckpt, "--pairs", binary, "--out", tmp_path / "bin")
+    assert code == 0, err
+    assert "the images of a .bin name no people, so contamination cannot be checked" in out
+    assert run(capsys, ckpt, "--pairs", table, "--out", tmp_path / "csv")[0] == 0
+    got, want = results(tmp_path / "bin"), results(tmp_path / "csv")
+    assert csv_scores(tmp_path / "bin" / "scores.csv") == \
+        pytest.approx(csv_scores(tmp_path / "csv" / "scores.csv"), rel=1e-5, abs=1e-6)
+    assert got["kfold"]["fold_accuracies"] == want["kfold"]["fold_accuracies"]
+    assert got["auc"] == pytest.approx(want["auc"]) and got["n_pairs"] == want["n_pairs"] == 40
+    assert got["protocol"] == "10 consecutive folds (insightface's protocol)"
+    assert want["protocol"] == "10 folds of the file"
+    assert got["contaminated"] is None and got["people_in_pairs"] is None
+    assert got["data"] == str(binary) and want["data_source"] == "the CSV's folder"
+    with open(tmp_path / "bin" / "scores.csv", newline="") as f:
+        first = next(csv.DictReader(f))
+    assert (first["path_a"], first["path_b"], first["fold"]) == \
+        ("devtest.bin#0", "devtest.bin#1", "0")
+    # --identify has no names to enrol.
+    code, _, err = run(capsys, ckpt, "--pairs", binary, "--identify", "--out", tmp_path / "i")
+    assert code == 2 and "a .bin name no people" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_csv_without_folds_gets_balanced_folds_and_identify_reads_its_people(tiny, tmp_path,
+                                                                               capsys):
+    """A CSV of the DevTest pairs (paths relative to --data, no fold column) gives exactly
+    the LFW file's figures, for pairs and for --identify."""
+    root, ckpt = tiny
+    lfw = ds.parse_pairs(root / "pairsDevTest.txt")
+    table = pairs_csv(tmp_path / "mine.csv", [(f"{a}/{a}_{i:04d}.jpg", f"{b}/{b}_{j:04d}.jpg", s)
+                                              for a, i, b, j, s, _ in lfw])
+    for pairs, name in ((table, "csv"), (root / "pairsDevTest.txt", "lfw")):
+        for extra in ((), ("--identify",)):
+            code, _, err = run(capsys, ckpt, "--pairs", pairs, "--data", root / "images",
+                               "--out", tmp_path / (name + "".join(extra)), *extra)
+            assert code == 0, err
+    csv_r, lfw_r = results(tmp_path / "csv"), results(tmp_path / "lfw")
+    assert csv_r["protocol"] == lfw_r["protocol"] == "10 class-balanced folds of one set"
+    for key in ("kfold", "auc", "eer", "people_in_pairs", "contaminated"):
+        assert csv_r[key] == lfw_r[key], key
+    assert (tmp_path / "csv" / "scores.csv").read_text() == \
+        (tmp_path / "lfw" / "scores.csv").read_text()
+    csv_i, lfw_i = results(tmp_path / "csv--identify"), results(tmp_path / "lfw--identify")
+    for key in ("rank1", "rank5", "cmc", "n_gallery", "n_mated_probes", "people_in_pairs"):
+        assert csv_i[key] == lfw_i[key], key
+    assert evaluate.main(["--compare", str(tmp_path / "lfw"), str(tmp_path / "csv")]) == 0
+    assert "+0.00% accuracy" in capsys.readouterr().out
+
+
+def test_a_random_split_run_scores_its_own_held_out_pairs(tmp_path, capsys, monkeypatch):
+    """Any <person>/<image> folder: a --split=random run writes test_pairs.csv (paths
+    relative to its data_dir), and `evaluate.py logs/<run>` finds and scores those pairs, no
+    --pairs needed, from wherever it is run."""
+    people = {f"Person_{k:02d}": 3 + k % 3 for k in range(24)}
+    write_people(tmp_path / "photos", people)
+    run_dir = tmp_path / "logs" / "mine"
+    assert training.main(vars(trainer2), tiny_args(
+        tmp_path, run_dir, data_dir=tmp_path / "photos", protocol_dir=tmp_path / "none",
+        split="random", epochs=1, mixed_precision=False)) == 0
+    own = run_dir / "test_pairs.csv"
+    expected, _ = pr.read_pairs(own, image_dir=tmp_path / "photos")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out, err = run(capsys, run_dir)
+    assert code == 0, err
+    r = results(run_dir / "eval-test_pairs")
+    assert r["pairs"] == str(own) and r["n_pairs"] == len(expected) > 0
+    assert r["data"] == str(tmp_path / "photos") and r["data_source"] == "the checkpoint's data_dir"
+    assert r["contaminated"] is False and r["people_seen_in_training"] == 0
+    # Each pair scored as a lone pair of its two files would be.
+    net, _ = m.load_checkpoint(run_dir / "best_accuracy.pt")
+    naive = [m.score_faces(net, 32, ds.load_image(p.path_a), ds.load_image(p.path_b))
+             for p in expected]
+    assert csv_scores(run_dir / "eval-test_pairs" / "scores.csv") == \
+        pytest.approx(naive, rel=1e-5, abs=1e-6)
+
+
+def lfw_slice(source, path, n=100):
+    """A deterministic View 1 slice: every 5th matched and every 5th mismatched line of
+    pairsDevTest.txt (n of each), in its own format."""
+    lines = source.read_text().splitlines()
+    total = int(lines[0])
+    matched, mismatched = lines[1:1 + total], lines[1 + total:1 + 2 * total]
+    step = total // n
+    path.write_text("\n".join([str(n)] + matched[::step][:n] + mismatched[::step][:n]) + "\n")
+    return path
+
+
+def extract(archive, names, dest):
+    """Only the named <person>/<image>.jpg members of an LFW archive, under dest."""
+    with tarfile.open(archive, "r|gz") as tar:
+        for member in tar:
+            rel = Path(*Path(member.name).parts[1:]) if member.isfile() else None
+            if rel in names:
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+
+
+@needs_lfw
+@pytest.mark.skipif(not m.SHIPPED.is_file(), reason="no model is shipped in models/")
+def test_view1_as_a_bin_gives_exactly_the_lfw_readers_accuracy(tmp_path, capsys):
+    """Real faces: 200 DevTest pairs, their photos cropped as the shipped model's training
+    crops were, scored as the LFW file and as a .bin of the same crops (ordered so that
+    insightface's consecutive folds are the LFW reader's balanced folds): the same accuracy
+    in every fold, the same AUC."""
+    import crop_dataset_to_faces
+    from inference import FaceModel
+    lfw = Path(LFW_DIR)
+    piece = lfw_slice(lfw / "pairsDevTest.txt", tmp_path / "slice.txt")
+    pairs, _ = pr.read_pairs(piece, Path("."))
+    names = {Path(p) for pair in pairs for p in pair[:2]}
+    [archive] = sorted(lfw.glob("*.tgz"))[:1]
+    extract(archive, names, tmp_path / "raw")
+    c = FaceModel.load(m.SHIPPED).settings
+    assert crop_dataset_to_faces.main([
+        "--src", str(tmp_path / "raw"), "--dst", str(tmp_path / "crops"), "--size", str(c["size"]),
+        "--mode", c["mode"], "--margin", str(c["margin"]), "--min-face", str(c["min_face"]),
+        "--quality", str(c["jpeg_quality"])]) == 0
+    capsys.readouterr()
+    crops, _ = pr.read_pairs(piece, tmp_path / "crops")
+    labels = np.array([p.same for p in crops])
+    order = np.argsort(metrics.balanced_folds(labels), kind="stable")
+    binary = insightface_bin(tmp_path / "slice.bin",
+                             [Path(p).read_bytes() for k in order for p in crops[k][:2]],
+                             labels[order])
+    for pairs_file, out in ((piece, "lfw"), (binary, "bin")):
+        code, _, err = run(capsys, m.SHIPPED, "--pairs", pairs_file, "--data", tmp_path / "crops",
+                           "--out", tmp_path / out)
+        assert code == 0, err
+    got, want = results(tmp_path / "bin"), results(tmp_path / "lfw")
+    assert want["n_pairs"] == got["n_pairs"] == 200 and want["pairs_skipped"] == 0
+    assert got["kfold"]["fold_accuracies"] == want["kfold"]["fold_accuracies"]
+    assert got["kfold"]["mean"] == want["kfold"]["mean"] > 0.9
+    assert got["auc"] == pytest.approx(want["auc"], abs=1e-9)

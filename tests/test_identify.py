@@ -10,28 +10,24 @@ import pytest
 import torch
 import torch.nn as nn
 
+import dataset as ds
 import evaluate
 import faces
 import identify
+import losses
 import metrics
 import model as m
 import training
 import trainer2
+from inference import FaceModel
+from runtime import sha256_file
 from conftest import tiny_args, two_face_photo, write_people, write_view1_protocol
+from conftest import write_jpeg as jpeg
 
 TRAIN = {f"Train_Person_{k:02d}": 4 + k % 3 for k in range(12)}
 # Test people with one image give the open set its non-mated probes.
 TEST = {**{f"Test_Person_{k:02d}": 3 + k % 2 for k in range(4)},
         **{f"Test_Single_{k:02d}": 1 for k in range(3)}}
-
-
-def jpeg(path, array):
-    from torchvision.io import encode_jpeg
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    t = t.permute(2, 0, 1) if t.ndim == 3 else t.expand(3, *t.shape)
-    path.write_bytes(encode_jpeg(t.contiguous(), quality=95).numpy().tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +79,17 @@ def counting(monkeypatch):
     """Count the gallery faces embedded, the photos detected, and the MTCNN calls that
     detected them (gallery only: queries go through every_face_for_model)."""
     seen = {"embedded": 0, "detected": 0, "calls": 0}
-    embed, detect = identify.embed_faces, faces.faces_for_model
+    embed, detect = FaceModel.embed, faces.faces_for_model
 
-    def embed_faces(net, crops, *a, **k):
+    def counted_embed(fm, crops, *a, **k):
         seen["embedded"] += len(crops)
-        return embed(net, crops, *a, **k)
+        return embed(fm, crops, *a, **k)
 
     def faces_for_model(detector, images, *a, **k):
         seen["detected"] += len(images)
         seen["calls"] += 1
         return detect(detector, images, *a, **k)
-    monkeypatch.setattr(identify, "embed_faces", embed_faces)
+    monkeypatch.setattr(FaceModel, "embed", counted_embed)
     monkeypatch.setattr(faces, "faces_for_model", faces_for_model)
     return seen
 
@@ -167,7 +163,7 @@ def test_the_cache_embeds_only_what_changed(setup, tmp_path, capsys, monkeypatch
     # and the 250 px blank one gets its own.
     assert seen == {"embedded": 3, "detected": 4, "calls": 2}
     [cache] = gallery.glob(".identify-cache-*.pt")
-    assert cache.name == f".identify-cache-{identify.sha256_file(s['ckpt'])[:16]}.pt"
+    assert cache.name == f".identify-cache-{sha256_file(s['ckpt'])[:16]}.pt"
     assert run(capsys, *args)[0] == 0
     assert seen == {"embedded": 3, "detected": 4, "calls": 2}  # nothing again, not even
     # the no-face photo
@@ -237,6 +233,27 @@ def test_bad_gallery_or_query_is_exit_2_with_one_line(setup, tmp_path, capsys):
     assert code == 2 and "none.pt: no such checkpoint" in one_line(err)
 
 
+def test_the_gallery_follows_the_one_folder_rule(setup, tmp_path):
+    """gallery_files is dataset.scan_people's rule, the one training and the crop use: a
+    hidden folder is no person, a hidden file no photo, a linked person folder is followed,
+    and files directly in the gallery are no one's."""
+    s = setup
+    gallery = make_gallery(tmp_path / "gallery", s, blank=False)
+    shutil.copy(s["query"], gallery / "loose.jpg")
+    (gallery / ".ipynb_checkpoints").mkdir()
+    shutil.copy(s["query"], gallery / ".ipynb_checkpoints" / "q.jpg")
+    shutil.copy(s["query"], gallery / "Eileen" / "._a.jpg")  # macOS's resource fork
+    (gallery / "Empty").mkdir()
+    elsewhere = make_gallery(tmp_path / "elsewhere", s, blank=True)
+    (gallery / "Nobody").symlink_to(elsewhere / "Nobody", target_is_directory=True)
+    files = identify.gallery_files(gallery)
+    assert [(person, p.relative_to(gallery).as_posix()) for person, p in files] == [
+        ("Camera_Man", "Camera_Man/c.jpg"), ("Eileen", "Eileen/a.jpg"),
+        ("Eileen", "Eileen/b.jpg"), ("Nobody", "Nobody/n.jpg")]
+    assert files == [(person, p) for person, photos in ds.scan_people(gallery).items()
+                     for p in photos]
+
+
 def test_an_unreadable_gallery_photo_is_skipped(setup, tmp_path, capsys):
     s = setup
     gallery = make_gallery(tmp_path / "gallery", s, blank=False)
@@ -269,11 +286,11 @@ class Ident(nn.Module):
                                            ("bce", "cosine"), ("bce", "l1")])
 def test_score_matrix_is_net_score_of_every_pair(loss, distance):
     torch.manual_seed(0)
-    net = m.SiameseNet(Ident(8), loss, distance).eval()
+    net = m.SiameseNet(Ident(8), losses.LOSSES[loss].pair_head(8, distance), distance).eval()
     if net.head is not None:
         nn.init.normal_(net.head.weight)
     q, g = torch.randn(3, 8), torch.randn(5, 8)
-    got = identify.score_matrix(net, q, identify.prepare_gallery(net, g))
+    got = net.score_matrix(q, net.prepare_gallery(g))  # what identify.py searches with
     want = torch.stack([net.score(q[i].expand(5, 8), g) for i in range(3)])
     assert got.shape == (3, 5) and torch.allclose(got, want, atol=1e-5)
 
@@ -380,4 +397,4 @@ def test_evaluate_identify_refuses_a_file_without_folds_for_fold(setup, capsys, 
     root, ckpt = setup["root"], setup["ckpt"]
     code = evaluate.main([str(ckpt), "--identify", "--pairs", str(root / "pairsDevTest.txt"),
                           "--fold", "3", "--out", str(tmp_path)])
-    assert code == 1 and "has no official fold 3" in capsys.readouterr().err
+    assert code == 2 and "has no official fold 3" in capsys.readouterr().err

@@ -195,3 +195,50 @@ def test_paired_bootstrap_interval_of_a_known_difference():
     assert 0.0 < r["low"] < 0.06 < r["high"] < 0.12
     same = metrics.paired_bootstrap(a, a, labels, folds, n_boot=200)
     assert same["difference"] == same["low"] == same["high"] == 0.0
+
+
+OLD_HEADER = "name_a,number_a,name_b,number_b,same,fold,score"  # before pairs were paths
+NEW_HEADER = "path_a,path_b,same,fold,score"
+
+
+def scores_folder(folder, header, rows):
+    folder.mkdir()
+    (folder / "scores.csv").write_text("\n".join([header] + rows) + "\n")
+    return folder
+
+
+def test_read_scores_reads_path_pairs_and_the_old_lfw_tuples(tmp_path):
+    """evaluate.py writes path_a,path_b,same,fold,score; a scores.csv from before (LFW's
+    names and numbers) still reads, and the pair keys say which pairs were scored."""
+    new = scores_folder(tmp_path / "new", NEW_HEADER,
+                        ["A/A_0001.jpg,A/A_0002.jpg,1,0,0.9", "A/A_0001.jpg,B/B_0001.jpg,0,1,-0.5",
+                         "x.bin#0,x.bin#1,1,2,0.25"])
+    keys, labels, folds, scores = metrics.read_scores(new)
+    assert keys == [("A/A_0001.jpg", "A/A_0002.jpg"), ("A/A_0001.jpg", "B/B_0001.jpg"),
+                    ("x.bin#0", "x.bin#1")]
+    assert labels.tolist() == [1, 0, 1] and folds.tolist() == [0, 1, 2]
+    assert scores.tolist() == [0.9, -0.5, 0.25]
+    old = scores_folder(tmp_path / "old", OLD_HEADER, ["A,1,A,2,1,0,0.9", "A,1,B,1,0,0,-0.5"])
+    keys, labels, _, scores = metrics.read_scores(old)
+    assert keys == [("A", "1", "A", "2"), ("A", "1", "B", "1")] and scores.tolist() == [0.9, -0.5]
+
+
+def test_read_scores_names_a_missing_column_of_either_layout(tmp_path):
+    for name, header in (("new", NEW_HEADER), ("old", OLD_HEADER)):
+        short = ",".join(c for c in header.split(",") if c != "score")
+        folder = scores_folder(tmp_path / name, short, [])
+        with pytest.raises(metrics.ScoresError, match="no score column in its header"):
+            metrics.read_scores(folder)
+    folder = scores_folder(tmp_path / "neither", "a,b,same,fold,score", ["x,y,1,0,0.5"])
+    with pytest.raises(metrics.ScoresError, match="no path_a, path_b column"):
+        metrics.read_scores(folder)
+
+
+def test_compare_scores_of_two_path_files(tmp_path):
+    rows = [f"P{i}/1.jpg,P{i}/2.jpg,{int(i < 50)},{i % 10},{1.0 if i < 50 else -1.0}"
+            for i in range(100)]
+    a = scores_folder(tmp_path / "a", NEW_HEADER, rows)
+    b = scores_folder(tmp_path / "b", NEW_HEADER, rows[:-1] + ["Q/1.jpg,Q/2.jpg,0,9,-1.0"])
+    assert metrics.compare_scores(a, a, n_boot=100)["difference"] == 0.0
+    with pytest.raises(metrics.ScoresError, match="scored different pairs"):
+        metrics.compare_scores(a, b, n_boot=100)

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from torchvision.io import encode_jpeg
 
 import faces
 import model as m
@@ -15,12 +14,7 @@ import training
 import trainer2
 import verify
 from conftest import small_lfw, tiny_args, two_face_photo
-
-
-def jpeg(path, array):
-    path.write_bytes(encode_jpeg(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1),
-                                 quality=95).numpy().tobytes())
-    return path
+from conftest import write_jpeg as jpeg
 
 
 @pytest.fixture(scope="module")
@@ -131,16 +125,6 @@ def test_a_model_without_crop_settings_is_refused(setup, tmp_path, capsys):
     code, _, err = run(capsys, setup["face"], setup["face"], "--checkpoint", tmp_path / "photos.pt")
     assert code == 2 and "holds no crop_settings.json" in err and "crop_dataset_to_faces.py" in err
     assert len(err.strip().splitlines()) == 1
-
-
-def test_a_checkpoint_from_before_crop_settings_gets_the_old_defaults(setup, tmp_path, capsys):
-    ckpt = torch.load(setup["ckpt"], weights_only=True)
-    del ckpt["crop"]
-    ckpt["config"]["aligned_faces"] = True  # what trainer2.py wrote then
-    torch.save(ckpt, tmp_path / "old.pt")
-    code, out, _ = run(capsys, setup["face"], setup["face"], "--checkpoint", tmp_path / "old.pt",
-                       "--json")
-    assert code == 0 and json.loads(out)["crop_settings"] == faces.CROP_DEFAULTS
 
 
 def test_a_bbox_model_gets_bbox_faces(setup, tmp_path, capsys):
