@@ -1,5 +1,7 @@
-"""app.py driven by Streamlit's AppTest: a tiny untrained checkpoint, generated images and
-scikit-image's public-domain astronaut and cameraman photos. Streamlit's AppTest uploads
+"""The demo (app.py and its pages in demo_pages/) driven by Streamlit's AppTest: a tiny
+untrained checkpoint, generated images and scikit-image's public-domain astronaut and
+cameraman photos. A page is reached as a user reaches it, through the navigation
+(at.switch_page). Streamlit's AppTest uploads
 files itself (at.file_uploader[i].set_value((name, bytes, mime))), so the real upload path
 runs.
 
@@ -8,7 +10,6 @@ The fixture net is untrained but deterministic (seed 0): the same photo twice sc
 cameraman about -0.51. Its threshold, -0.3, puts each of these pairs on a known side, outside
 the close-call band (±0.105 at that threshold), so the tests assert exact verdicts.
 """
-import dataclasses
 import io
 import json
 import os
@@ -24,11 +25,17 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import app
+import demo
 import faces
+import identify
+import losses
 import model
+from demo_pages import same_person
+from inference import FaceModel
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
+SAME_PERSON, WHO_IS_THIS = "demo_pages/same_person.py", "demo_pages/who_is_this.py"
 TIMEOUT = 120  # the first run loads MTCNN; CI machines are slow
 THRESHOLD = -0.3
 CFG = {"model": "compact", "image_size": 64, "embedding_dim": 32, "loss": "arcface",
@@ -74,7 +81,8 @@ def write_checkpoint(path, **extra):
     row = {"accuracy": 0.61, "precision": 0.6, "recall": 0.62, "f1": 0.61, "auc": 0.66,
            "loss": 0.17, "threshold": THRESHOLD}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": net.state_dict(), "model_config": dataclasses.asdict(model.ModelConfig.from_dict(CFG)),
+    torch.save({"model": net.state_dict(),
+                "model_config": model.ModelConfig.from_dict(CFG).to_dict(),  # as training.py
                 "config": CFG, "epoch": 2, "step": 20, "metrics": row, "threshold": THRESHOLD,
                 "crop": faces.crop_settings(), "train_people": [], "git_commit": "test", **extra},
                path)
@@ -236,14 +244,26 @@ def test_threshold_slider_spans_real_scores_and_near_ones_are_close_calls(monkey
     ({"loss": "contrastive", "distance": "l1"}, -4.0, (-8.0, 0.0, 4.0)),
 ])
 def test_score_scale_covers_each_kind_of_score(cfg, threshold, expected):
-    assert app.score_scale(cfg, threshold) == pytest.approx(expected)
+    assert demo.score_scale(cfg, threshold) == pytest.approx(expected)
+
+
+def test_a_loss_with_a_learned_head_is_scored_as_logits_whatever_its_name(monkeypatch):
+    """The page asks losses.py whether a loss trains a pair head, never its name."""
+    class Head(losses.Loss):
+        name, batches, learned_head = "some_head", "pairs", True
+    monkeypatch.setitem(losses.LOSSES, "some_head", Head)
+    cfg = {"loss": "some_head", "distance": "cosine"}
+    assert demo.score_scale(cfg, 0.5) == pytest.approx((-2.5, 3.5, 3.0))
+    assert "logit" in demo.score_meaning(cfg)
+    assert "logit" not in demo.score_meaning({"loss": "arcface", "distance": "cosine"})
 
 
 def test_a_small_margin_is_a_close_call():
     # half 0.6 (a cosine model at -0.6): the band is ±0.09, so +0.066 is close and +0.2 is not.
-    assert app.verdict(-0.534, -0.6, 0.6) == ("Verdict: Same person (close call)", True, True)
-    assert app.verdict(-0.4, -0.6, 0.6) == ("Verdict: Same person", True, False)
-    assert app.verdict(-0.8, -0.6, 0.6) == ("Verdict: Different people", False, False)
+    assert same_person.verdict(-0.534, -0.6, 0.6) == ("Verdict: Same person (close call)",
+                                                      True, True)
+    assert same_person.verdict(-0.4, -0.6, 0.6) == ("Verdict: Same person", True, False)
+    assert same_person.verdict(-0.8, -0.6, 0.6) == ("Verdict: Different people", False, False)
 
 
 # ------------------------------------------------------------------ failures
@@ -272,20 +292,20 @@ def test_decompression_bomb_reports_its_real_size(monkeypatch, logs):
     assert len(bomb) < 100  # nothing near 2.5 G pixels is ever allocated
     with pytest.raises(faces.FaceError,
                        match=r"^bomb.png: 2,500 megapixels is over the 50 megapixel limit"):
-        app.read_photo(bomb, "bomb.png")
+        demo.read_photo(bomb, "bomb.png")
     at = upload(start(monkeypatch, logs), ("bomb.png", bomb), None)
     assert "bomb.png: 2,500 megapixels is over the 50 megapixel limit" in at.error[0].value
 
 
 def test_size_limits_are_the_apps_bytes_and_faces_pixels(monkeypatch):
     with pytest.raises(faces.FaceError, match="over the 20 MB limit"):
-        app.read_photo(b"\0" * (app.MAX_BYTES + 1), "big.jpg")
+        demo.read_photo(b"\0" * (demo.MAX_BYTES + 1), "big.jpg")
     small = jpeg(np.zeros((32, 32, 3), np.uint8))
-    assert app.read_photo(small, "small.jpg").shape == (3, 32, 32)
+    assert demo.read_photo(small, "small.jpg").shape == (3, 32, 32)
     # One pixel limit for the whole project: the app follows faces.MAX_PIXELS.
     monkeypatch.setattr(faces, "MAX_PIXELS", 1000)
     with pytest.raises(faces.FaceError, match="small.jpg: 0 megapixels is over the 0 megapixel"):
-        app.read_photo(small, "small.jpg")
+        demo.read_photo(small, "small.jpg")
 
 
 # ------------------------------------------------------------------ the rest of the page
@@ -357,8 +377,8 @@ def test_streamlit_config_turns_off_the_watcher_deploy_button_and_stats():
     settings = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     options = {f"{section}.{key}": value for section, values in settings.items()
                for key, value in values.items()}
-    assert options == {"server.fileWatcherType": "none", "client.toolbarMode": "minimal",
-                       "browser.gatherUsageStats": False}
+    assert options == {"server.address": "127.0.0.1", "server.fileWatcherType": "none",
+                       "client.toolbarMode": "minimal", "browser.gatherUsageStats": False}
     for name in options:  # each is an option this Streamlit knows
         assert name in config._config_options_template, name
 
@@ -383,7 +403,12 @@ def identify_page(monkeypatch, logs, gallery=None):
     else:
         monkeypatch.setenv("LFW_DEMO_GALLERY", str(gallery))
     at = start(monkeypatch, logs)
-    at.sidebar.radio(key="page").set_value("Who is this?").run()
+    return switch(at, WHO_IS_THIS)
+
+
+def switch(at, page):
+    """Go to another page of the demo, as the sidebar's page links do."""
+    at.switch_page(page).run()
     assert not at.exception, at.exception
     return at
 
@@ -427,11 +452,16 @@ def assert_one_line_error(at, *parts):
 
 
 def test_identify_page_is_offered_beside_verification(monkeypatch, logs):
+    assert [(file, title) for file, title, *_ in app.PAGES] == [
+        (SAME_PERSON, "Same person?"), (WHO_IS_THIS, "Who is this?")]
     at = start(monkeypatch, logs)
-    assert at.sidebar.radio(key="page").options == ["Same person?", "Who is this?"]
-    assert at.title[0].value == "Same person?"
-    at = identify_page(monkeypatch, logs)
+    assert at.title[0].value == "Same person?"  # the default page
+    at.sidebar.slider[0].set_value(-0.5).run()
+    at = switch(at, WHO_IS_THIS)
     assert at.title[0].value == "Who is this?"
+    # The sidebar is the frame's, not the page's: the threshold set on one page holds here.
+    assert at.sidebar.selectbox[0].value == "compact-arcface-20250101-120000"
+    assert at.sidebar.slider[0].value == pytest.approx(-0.5)
     # No LFW copy and no LFW_DEMO_GALLERY: people enrolled on the page are the gallery.
     assert at.radio(key="gallery_source").options == ["People I enrol here"]
     assert "Enrol at least one person" in at.info[0].value
@@ -508,25 +538,25 @@ def st_cache_resource_clear():
 
 def test_app_embedding_leaves_identify_nothing_to_embed(monkeypatch, logs, astronaut,
                                                         tmp_path):
-    """The page embeds a new folder through identify.load_gallery with a progress hook, into
-    identify.py's cache; a later load_gallery must then find every photo there and embed none."""
+    """The page embeds a new folder through identify.load_gallery with a progress hook and
+    the FaceModel it scores with, into identify.py's cache; a later load_gallery must then
+    find every photo there and embed none."""
     (tmp_path / "g" / "Eileen_Collins").mkdir(parents=True)
     (tmp_path / "g" / "Eileen_Collins" / "a.jpg").write_bytes(astronaut)
-    path = logs / "compact-arcface-20250101-120000" / "best_accuracy.pt"
-    net, ckpt = model.load_checkpoint(path)
-    settings = model.checkpoint_crop_settings(ckpt, path)
-    tools = app.SimpleNamespace(net=net, settings=settings, detector=faces.detector_for(settings),
-                                device=torch.device("cpu"), image_size=64, amp=False,
-                                ckpt_sha=app.identify.sha256_file(path))
-    files = app.identify.gallery_files(tmp_path / "g")
-    state = app.identify.gallery_state(tmp_path / "g", files, tools)
+    fm = FaceModel.load(logs / "compact-arcface-20250101-120000" / "best_accuracy.pt")
+    files = identify.gallery_files(tmp_path / "g")
+    state = identify.gallery_state(tmp_path / "g", files, fm)
     assert len(state[4]) == 1
     seen = []
-    app.identify.load_gallery(tmp_path / "g", files, tools, state=state,
-                              progress=lambda done, total: seen.append((done, total)))
+    identify.load_gallery(tmp_path / "g", files, fm, state=state,
+                          progress=lambda done, total: seen.append((done, total)))
     assert seen[-1] == (1, 1)
-    monkeypatch.setattr(app.identify, "embed_faces", lambda *a, **k: pytest.fail("re-embedded"))
-    gallery = app.identify.load_gallery(tmp_path / "g", files, tools)
+
+    def embedded(*args, **kwargs):
+        pytest.fail("re-embedded")
+    monkeypatch.setattr(fm, "embed", embedded)
+    monkeypatch.setattr(identify, "embed_faces", embedded, raising=False)
+    gallery = identify.load_gallery(tmp_path / "g", files, fm)
     assert gallery.people == ["Eileen_Collins"] and gallery.n_new == 0
 
 
@@ -565,10 +595,60 @@ def test_the_lfw_copy_is_a_gallery_when_present(monkeypatch, logs, astronaut, ca
         (data / "images" / person).mkdir(parents=True)
         (data / "images" / person / f"{person}_0001.jpg").write_bytes(photo)
     monkeypatch.delenv("LFW_DEMO_GALLERY", raising=False)
-    at = start(monkeypatch, logs, data)
-    at.sidebar.radio(key="page").set_value("Who is this?").run()
+    at = switch(start(monkeypatch, logs, data), WHO_IS_THIS)
     assert at.radio(key="gallery_source").options == [f"LFW people ({data / 'images'})",
                                                       "People I enrol here"]
     assert "Gallery: 2 people in 2 photos with a face (0 skipped)" in texts(at)
     query(at, ("astronaut_again.jpg", astronaut_again))
     assert answers(at)[0][0].startswith("Face 1: Eileen Collins (score ")
+
+
+# ------------------------------------------------------------------ through the one model object
+
+@pytest.mark.skipif(not model.SHIPPED.is_file(), reason="no model is shipped in models/")
+def test_both_pages_render_with_the_shipped_model(monkeypatch, tmp_path, astronaut):
+    """No run of one's own: the shipped model answers on both pages, and says so."""
+    monkeypatch.delenv("LFW_DEMO_GALLERY", raising=False)
+    at = upload(start(monkeypatch, tmp_path), ("astronaut.jpg", astronaut),
+                ("again.jpg", astronaut))
+    assert not at.error, [e.value for e in at.error]
+    assert at.info[0].value.startswith("Model: the shipped models/lfw-compact.pt")
+    assert at.sidebar.selectbox[0].value == "shipped model"
+    assert verdicts(at)["success"] == ["Verdict: Same person"]
+    fm = FaceModel.load(model.SHIPPED)
+    assert f"Aligned face the model sees ({fm.image_size}×{fm.image_size})" in [
+        i.proto.imgs[0].caption for i in at.image]
+    assert at.sidebar.slider[0].value == pytest.approx(fm.threshold, abs=1e-6)
+
+    at = enrol(switch(at, WHO_IS_THIS), "Eileen Collins", ("astronaut.jpg", astronaut))
+    assert at.title[0].value == "Who is this?"
+    assert at.info[0].value.startswith("Model: the shipped models/lfw-compact.pt")
+    query(at, ("astronaut.jpg", astronaut))
+    assert not at.error, [e.value for e in at.error]
+    assert at.success[0].value.startswith("Face 1: Eileen Collins (score ")
+
+
+@pytest.mark.parametrize("which", ["fixture", "shipped"])
+def test_same_person_score_is_the_face_models_score_of_the_two_faces(
+        monkeypatch, logs, astronaut, cameraman, which):
+    """The page's score is FaceModel.score_faces of the faces FaceModel.face finds, in the
+    checkpoint's precision (the shipped model's is bf16), to 1e-5; the page shows it."""
+    if which == "shipped" and not model.SHIPPED.is_file():
+        pytest.skip("no model is shipped in models/")
+    path = model.SHIPPED if which == "shipped" else \
+        logs / "compact-arcface-20250101-120000" / "best_accuracy.pt"
+    fm = FaceModel.load(path)
+    want = fm.score_faces(fm.face(faces.decode(astronaut, "a"))[0],
+                          fm.face(faces.decode(cameraman, "b"))[0])
+    photos = [{"name": "astronaut.jpg", "data": astronaut},
+              {"name": "cameraman.jpg", "data": cameraman}]
+    got = same_person.pair_score(str(path), path.stat().st_mtime, *photos)
+    assert got == pytest.approx(want, abs=1e-5)
+
+    if which == "fixture":
+        at = upload(start(monkeypatch, logs), ("astronaut.jpg", astronaut),
+                    ("cameraman.jpg", cameraman))
+    else:
+        at = upload(start(monkeypatch, logs / "no-runs"), ("astronaut.jpg", astronaut),
+                    ("cameraman.jpg", cameraman))
+    assert {m.label: m.value for m in at.metric}["Score"] == f"{want:.3f}"

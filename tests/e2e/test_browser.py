@@ -11,7 +11,6 @@ against the cameraman, so she is named.
 Skipped unless the browser and its driver are installed:
   apt-get install -y chromium chromium-driver && pip install -r requirements-e2e.txt
 """
-import dataclasses
 import io
 import json
 import os
@@ -66,7 +65,7 @@ def write_checkpoint(logs):
     run = logs / "compact-arcface-e2e"
     run.mkdir(parents=True)
     torch.save({"model": model.build_model(cfg).eval().state_dict(),
-                "model_config": dataclasses.asdict(model.ModelConfig.from_dict(cfg)), "config": cfg,
+                "model_config": model.ModelConfig.from_dict(cfg).to_dict(), "config": cfg,
                 "epoch": 1, "step": 1, "metrics": row, "threshold": THRESHOLD,
                 "crop": faces.crop_settings()}, run / "best_accuracy.pt")
     # Curves whose two losses differ in scale and an honest evaluation older than a
@@ -236,8 +235,9 @@ def test_enrol_two_people_and_identify_a_third_photo(server, browser, tmp_path):
     shot = screenshot_path(tmp_path, "_identify")
     wait_for = waiter(browser, shot, tmp_path)
     browser.get(server)
-    wait_for("the page picker", lambda: browser.find_element(
-        By.XPATH, "//*[@data-testid='stSidebar']//label[contains(., 'Who is this?')]")).click()
+    # st.navigation's page links, in the sidebar above the model chooser.
+    wait_for("the page link", lambda: browser.find_element(
+        By.XPATH, "//a[@data-testid='stSidebarNavLink'][contains(., 'Who is this?')]")).click()
     wait_for("the enrol form", lambda: "Enrol at least one person" in page_text(browser))
 
     for n, (person, path) in enumerate(enrolled, 1):
