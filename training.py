@@ -11,6 +11,7 @@ last.pt and rewrites any record that the kill cut short, so a resumed run's reco
 exactly an uninterrupted run's.
 """
 import csv
+import difflib
 import json
 import math
 import os
@@ -81,7 +82,10 @@ def apply_overrides(config, argv):
         if not arg.startswith("--") or not eq:
             raise SystemExit(f"error: expected --name=value, got {arg!r}")
         if name not in config:
-            raise SystemExit(f"error: unknown hyperparameter {name!r}; valid names: "
+            near = sorted(k for k in config if k.endswith(f"_{name}")) or \
+                difflib.get_close_matches(name, config, n=3)  # margin -> *_margin; epoch -> epochs
+            hint = f"did you mean {' or '.join(near)}? " if near else ""
+            raise SystemExit(f"error: unknown hyperparameter {name!r}; {hint}valid names: "
                              + ", ".join(sorted(config)))
         config[name] = parse_value(name, text, config[name])
     return config

@@ -40,9 +40,12 @@ def test_overrides_are_type_checked():
         training.apply_overrides(defaults, ["--epochs=2.5"])
     with pytest.raises(SystemExit, match="--cos expects a bool"):
         training.apply_overrides(defaults, ["--cos=maybe"])
-    with pytest.raises(SystemExit, match="unknown hyperparameter 'epoch'; valid names: cos, "
-                                         "epochs, lr, model, resume"):
+    with pytest.raises(SystemExit, match="unknown hyperparameter 'epoch'; did you mean epochs\\? "
+                                         "valid names: cos, epochs, lr, model, resume"):
         training.apply_overrides(defaults, ["--epoch=3"])
+    margins = {**defaults, "arc_margin": 0.5, "triplet_margin": 0.5}
+    with pytest.raises(SystemExit, match="'margin'; did you mean arc_margin or triplet_margin\\?"):
+        training.apply_overrides(margins, ["--margin=0.2"])  # the setting before it was split
     with pytest.raises(SystemExit, match="expected --name=value"):
         training.apply_overrides(defaults, ["--epochs", "3"])
 
