@@ -101,8 +101,9 @@ def parse_args(argv):
                    help="leave out pairs whose images are missing instead of stopping")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--fold", type=int, default=None,
-                   help="View 2, one fold as the test set: the threshold is chosen on the other "
-                        "folds' pairs and the figures are for this fold's pairs alone")
+                   help="one fold of a file with folds (pairs.txt, a .bin, a CSV's fold column) "
+                        "as the test set: the threshold is chosen on the other folds' pairs and "
+                        "the figures are for this fold's pairs alone")
     p.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"), default=None,
                    help="two evaluation folders of the same pairs file (their scores.csv): the "
                         "accuracy of NEW minus BASE with a paired bootstrap 95%% interval, "
@@ -178,6 +179,18 @@ def check_fold(fold, folds, protocol, path):
         raise EvalError(f"{path}: has no official fold {fold}; --fold needs a pairs file with "
                         "folds of its own (pairs.txt and a .bin have 0-9, a CSV its fold "
                         "column)")
+
+
+def check_fold_sizes(fold, folds, labels, path):
+    """EvalError unless --fold's pairs can be scored: the other folds choose its threshold
+    (both classes needed) and its own figures cut it into balanced folds (2 of each)."""
+    test = folds == fold
+    inside, outside = labels[test], labels[~test]
+    if min((inside == 1).sum(), (inside == 0).sum()) < 2 or len(np.unique(outside)) < 2:
+        raise EvalError(f"{path}: fold {fold} has {int((inside == 1).sum())} same and "
+                        f"{int((inside == 0).sum())} different pairs, and the other folds "
+                        f"{'both kinds' if len(np.unique(outside)) == 2 else 'one kind'}; "
+                        "--fold needs at least 2 of each in the fold and both kinds outside it")
 
 
 def make_report(scores, labels, folds, val_threshold=None):
@@ -355,15 +368,21 @@ def load_pairs(args, fm):
     found, images = pr.read_pairs(path, data)
     found, skipped = drop_missing(found, images, data, args.skip_missing)
     labels = np.array([p.same for p in found], dtype=np.int64)
-    if len(np.unique(labels)) < 2:
+    if len(np.unique(labels)) < 2 and skipped:
         raise EvalError(f"{path}: after leaving out pairs with missing images, "
                         f"{len(found)} pairs remain and they are not both same and different; "
                         f"crop the missing images into {data} with `python crop_dataset_to_faces.py`")
+    if len(np.unique(labels)) < 2:
+        raise EvalError(f"{path}: all {len(found)} pairs are "
+                        f"{'same' if len(found) and labels[0] == 1 else 'different'}-person "
+                        "pairs; accuracy and ROC need both kinds, so add the other kind")
     folds, protocol = pair_folds(found, path)
     if len(np.unique(folds)) < 2:  # each fold's threshold is chosen on the other folds
         raise EvalError(f"{path}: {len(found)} pairs are too few to cut into folds; give at "
                         "least 2 same and 2 different pairs (LFW's files have 300 of each a fold)")
     check_fold(args.fold, folds, protocol, path)
+    if args.fold is not None:
+        check_fold_sizes(args.fold, folds, labels, path)
     return SimpleNamespace(path=path, pairs=found, images=images, labels=labels, folds=folds,
                            protocol=protocol, data=data, data_source=data_source,
                            skipped=skipped)

@@ -77,7 +77,7 @@ class IdentifyError(Exception):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("gallery", help="folder of <person>/<photo>.jpg files")
+    p.add_argument("gallery", help="folder of <person>/<photo> files (jpg, jpeg, png, gif, webp)")
     p.add_argument("queries", nargs="+", metavar="query", help="photos to identify")
     p.add_argument("--checkpoint", default=None,
                    help="a best_*.pt or a run folder (default: the newest "

@@ -141,20 +141,6 @@ def embed_images(net, images, transform, batch_size=256, device="cpu", flip=Fals
     return torch.cat(out) if out else torch.empty(0)
 
 
-@torch.no_grad()
-def score_faces(net, image_size, face_a, face_b, flip=False, amp=False):
-    """Score of two aligned uint8 face crops with a trained net (higher = same person).
-    amp: embed in the mixed precision the net was validated in, so the score matches its
-    threshold."""
-    import dataset  # the input pipeline lives there; imported here to keep model.py light
-    from runtime import autocast
-    faces = torch.stack([dataset.fit(face_a, image_size), dataset.fit(face_b, image_size)])
-    device = next(net.parameters()).device
-    with autocast(amp, device):
-        e = embed_images(net, faces, dataset.eval_transform(), device=device, flip=flip)
-    return float(net.score(e[:1].to(device), e[1:].to(device)))
-
-
 SCORE_CHUNK = 8192  # pairs scored per call: bounds memory with 4096-d Koch embeddings
 
 
@@ -226,6 +212,9 @@ def load_checkpoint(path, device="cpu"):
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train one with `python trainer2.py`")
     ckpt = read_torch_file(path, "pass a best_*.pt written by trainer2.py", device)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint written by training (no model_config); "
+                              "pass a best_*.pt written by trainer2.py")
     try:
         net = build_model(ckpt["model_config"])
         net.load_state_dict(ckpt["model"])

@@ -21,6 +21,7 @@ import pairs as pr
 import training
 import trainer2
 from conftest import LFW_DIR, needs_lfw, tiny_args, write_people, write_view1_protocol
+from runtime import autocast
 
 OUTPUTS = ("results.json", "roc.png", "scores.png", "errors.png")
 BF16_TOLERANCE = 0.02  # cosine scores: bf16 keeps 8 bits of mantissa
@@ -62,10 +63,19 @@ def mixed_precision_copy(ckpt, path):
     return path
 
 
+@torch.no_grad()
+def pair_score(net, face_a, face_b, amp=False, size=32):
+    """The reference: one pair on its own, with none of evaluate.py's batching or caching."""
+    faces = torch.stack([ds.fit(face_a, size), ds.fit(face_b, size)])
+    with autocast(amp, torch.device("cpu")):
+        e = net.embed(ds.eval_transform()(faces)).float()
+    return float(net.score(e[:1], e[1:]))
+
+
 def naive_scores(net, root, pairs, amp):
     """Every pair scored on its own, images read from disk, in the given precision."""
-    return np.array([m.score_faces(net, 32, ds.load_image(ds.image_path(root / "images", a, i)),
-                                   ds.load_image(ds.image_path(root / "images", b, j)), amp=amp)
+    return np.array([pair_score(net, ds.load_image(ds.image_path(root / "images", a, i)),
+                                 ds.load_image(ds.image_path(root / "images", b, j)), amp=amp)
                      for a, i, b, j, _, _ in pairs])
 
 
@@ -534,7 +544,7 @@ def test_a_random_split_run_scores_its_own_held_out_pairs(tmp_path, capsys, monk
     assert r["contaminated"] is False and r["people_seen_in_training"] == 0
     # Each pair scored as a lone pair of its two files would be.
     net, _ = m.load_checkpoint(run_dir / "best_accuracy.pt")
-    naive = [m.score_faces(net, 32, ds.load_image(p.path_a), ds.load_image(p.path_b))
+    naive = [pair_score(net, ds.load_image(p.path_a), ds.load_image(p.path_b))
              for p in expected]
     assert csv_scores(run_dir / "eval-test_pairs" / "scores.csv") == \
         pytest.approx(naive, rel=1e-5, abs=1e-6)
@@ -598,3 +608,41 @@ def test_view1_as_a_bin_gives_exactly_the_lfw_readers_accuracy(tmp_path, capsys)
     assert got["kfold"]["fold_accuracies"] == want["kfold"]["fold_accuracies"]
     assert got["kfold"]["mean"] == want["kfold"]["mean"] > 0.9
     assert got["auc"] == pytest.approx(want["auc"], abs=1e-9)
+
+
+def test_a_fold_too_small_to_score_and_a_one_kind_file_are_one_line(tiny, tmp_path, capsys):
+    """--fold K of a CSV whose fold holds one pair used to crash inside the metrics; a file
+    of same pairs only was blamed on missing images that were not missing."""
+    root, ckpt = tiny
+    names = sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
+    a, b = (sorted((root / "images" / n).glob("*.jpg")) for n in names[:2])
+    rows = [f"{a[0]},{a[1]},1,0"] + [f"{a[0]},{a[1]},1,1", f"{a[0]},{b[0]},0,1"] * 3
+    (tmp_path / "folds.csv").write_text("path_a,path_b,same,fold\n" + "\n".join(rows) + "\n")
+    (tmp_path / "same.csv").write_text("path_a,path_b,same\n" + f"{a[0]},{a[1]},1\n" * 4)
+    for name, extra, words in (("folds.csv", ["--fold", "0"], "fold 0 has 1 same and 0 different"),
+                               ("same.csv", [], "all 4 pairs are same-person pairs")):
+        code = evaluate.main([str(ckpt), "--pairs", str(tmp_path / name), "--out",
+                              str(tmp_path / f"out-{name}"), *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and words in err and len(err.splitlines()) == 1, err
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
+    for i, obj in enumerate(([1, 2], torch.zeros(3), {"model": {}})):
+        torch.save(obj, tmp_path / f"{i}.pt")
+        with pytest.raises(m.CheckpointError, match="not a checkpoint written by training"):
+            m.load_checkpoint(tmp_path / f"{i}.pt")
+
+
+def test_identify_on_one_fold_of_a_csv(tiny, tmp_path, capsys):
+    """--identify --fold K enrols that fold's people only."""
+    root, ckpt = tiny
+    lfw = ds.parse_pairs(root / "pairsDevTest.txt")
+    rows = [(f"{a}/{a}_{i:04d}.jpg", f"{b}/{b}_{j:04d}.jpg", s) for a, i, b, j, s, _ in lfw]
+    table = pairs_csv(tmp_path / "folds.csv", rows, folds=[k % 2 for k in range(len(rows))])
+    code, _, err = run(capsys, ckpt, "--pairs", table, "--data", root / "images", "--identify",
+                       "--fold", "1", "--out", tmp_path / "out")
+    assert code == 0, err
+    fold_people = {Path(p).parent.name for (a, b, _), k in zip(rows, range(len(rows)))
+                   if k % 2 == 1 for p in (a, b)}
+    assert results(tmp_path / "out")["people_in_pairs"] == len(fold_people)
