@@ -33,7 +33,7 @@ from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_d
                          eval_cmd, json_kind, metrics_rows, read_input_json, read_json,
                          read_state, run_step, train_cmd, train_speed, trainer_config,
                          write_docs)
-from runtime import git_commit, write_atomic
+from runtime import git_commit, is_number, write_atomic
 
 MINUTES = 8  # per run: 15 runs fit one ~3-hour sitting on 2 CPU cores
 
@@ -311,10 +311,6 @@ def plot(result, path):
 
 RUN_FIGURES = ("accuracy", "auc", "train_accuracy", "val_accuracy")
 ROW_FIGURES = ("difference", "low", "high")
-
-
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def result_problem(result):

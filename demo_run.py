@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from demo import not_regular, percent, regular_file
+from runtime import is_number
 
 
 def show_curves(run_dir):
@@ -58,13 +59,13 @@ def eval_figures(report):
     """The headline numbers of an evaluate.py results.json, short enough for st.metric."""
     figures = {}
     kfold = report.get("kfold")
-    if isinstance(kfold, dict) and isinstance(kfold.get("mean"), (int, float)):
+    if isinstance(kfold, dict) and is_number(kfold.get("mean")):
         figures["Accuracy (10-fold)"] = (f"{percent(kfold['mean'])} ± "
                                          f"{percent(kfold.get('stderr') or 0)}")
     for key, label, fmt in (("auc", "AUC", "{:.3f}"), ("eer", "EER", None),
                             ("tar@far=1e-3", "TAR @ FAR 0.1%", None)):
         value = report.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value):
             figures[label] = fmt.format(value) if fmt else percent(value)
     return figures
 

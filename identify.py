@@ -55,7 +55,8 @@ import dataset as ds
 import faces
 import model as m
 from inference import FaceModel
-from runtime import DeviceError, error_line, pick_device, set_threads, sha256_file, write_atomic
+from runtime import (DeviceError, NotFinite, error_line, finite, pick_device, set_threads,
+                     sha256_file, write_atomic)
 
 CACHE_VERSION = 1
 CACHE_PREFIX = ".identify-cache-"
@@ -389,19 +390,10 @@ def answer_queries(queries, fm, gallery, k, threshold):
             for q, fs in found]
 
 
-def check_threshold(value, where, fix):
-    """The threshold as a float, or IdentifyError when it is NaN or infinite: NaN would make
-    every face unknown (no score is >= NaN), infinity every face unknown or known."""
-    value = float(value)
-    if not math.isfinite(value):
-        raise IdentifyError(f"{where} {value} is not a finite number; {fix}")
-    return value
-
-
 def identify(args, say=print):
     """Load, embed the gallery (cache first), answer every query; say() the checkpoint first."""
     if args.threshold is not None:  # cheap checks first
-        check_threshold(args.threshold, "--threshold", "pass a score such as 0.5, or leave it "
+        finite(args.threshold, "--threshold", "pass a score such as 0.5, or leave it "
                         "out for the checkpoint's own")
     queries = [(q, faces.read_image(q)) for q in args.queries]
     files = gallery_files(args.gallery)
@@ -410,7 +402,7 @@ def identify(args, say=print):
     fm = FaceModel.load(args.checkpoint, device)
     path = fm.path
     threshold = float(args.threshold) if args.threshold is not None else \
-        check_threshold(fm.threshold, f"{path}: its threshold", "pass --threshold")
+        finite(fm.threshold, f"{path}: its threshold", "pass --threshold")
     source = "the checkpoint's validation threshold" if args.threshold is None else "--threshold"
     say(printable(f"{fm.describe()} (threshold {threshold:.4f}, {source})"))
     gallery = load_gallery(args.gallery, files, fm)
@@ -473,7 +465,7 @@ def main(argv=None):
     try:
         # --json keeps stdout for the JSON alone, which names the checkpoint in each entry.
         results = identify(args, say=(lambda line: None) if args.json else print)
-    except (IdentifyError, DeviceError, faces.FaceError, m.CheckpointError) as e:
+    except (IdentifyError, DeviceError, NotFinite, faces.FaceError, m.CheckpointError) as e:
         print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # any other failure is an error too, in one line

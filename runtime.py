@@ -1,5 +1,6 @@
 """Device, CPU threads and seeding: the run-time set-up every script shares."""
 import hashlib
+import math
 import os
 import random
 import subprocess
@@ -123,6 +124,24 @@ def sha256_file(path):
     """The SHA-256 of a file's bytes, read in blocks (checkpoints, archives, gallery photos)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def is_number(value):
+    """Whether a value read from JSON is a number (True and False are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class NotFinite(ValueError):
+    """A threshold or score that is NaN or infinite; the message names it and the fix."""
+
+
+def finite(value, where, fix):
+    """value as a float, or NotFinite: no verdict comes of NaN (every score is < NaN, so
+    every face is unknown), infinity makes every face one way, and JSON cannot hold either."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise NotFinite(f"{where} {value} is not a finite number; {fix}")
+    return value
 
 
 def error_line(e):

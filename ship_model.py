@@ -12,14 +12,13 @@ shipped, 2 on a bad input (one line naming it and the fix; nothing replaced). A 
 later under logs/ takes precedence over the shipped one.
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
 import model as m
-from runtime import error_line, write_atomic
+from runtime import error_line, is_number, sha256_file, write_atomic
 
 MAX_MB = 6  # the one checkpoint git may hold
 
@@ -84,10 +83,6 @@ def figure(report, keys):
     return report
 
 
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def read_report(path, option, checkpoint):
     """The results.json given as OPTION, checked to be that report and of CHECKPOINT."""
     path, other = Path(path), "--identify" if option == "--view1" else "--view1"
@@ -110,9 +105,7 @@ def read_report(path, option, checkpoint):
         raise ShipError(f"{option} {path}: no {', '.join(missing)} in it; give "
                         f"{REPORTS[option]}")
     digest = report.get("checkpoint_sha256")
-    with open(checkpoint, "rb") as f:
-        ours = hashlib.file_digest(f, "sha256").hexdigest()
-    if digest and digest != ours:
+    if digest and digest != sha256_file(checkpoint):
         raise ShipError(f"{option} {path}: its checkpoint_sha256 is not that of {checkpoint}, "
                         f"so its figures are of another model; evaluate {checkpoint} and give "
                         "that report")

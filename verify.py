@@ -20,19 +20,14 @@ never 1, which means "different people". --json never prints NaN.
 """
 import argparse
 import json
-import math
 import sys
 
 import faces
 import model as m
 from inference import FaceModel
-from runtime import DeviceError, error_line, pick_device, set_threads
+from runtime import DeviceError, NotFinite, error_line, finite, pick_device, set_threads
 
 LOGS = "logs"
-
-
-class VerifyError(Exception):
-    """Bad input; the message names the file and the fix."""
 
 
 def parse_args(argv):
@@ -55,15 +50,6 @@ def face(fm, path, image):
     except faces.FaceError as e:
         raise faces.FaceError(f"{path}: {e}; use a photo where the face is clearly visible "
                               "and roughly frontal") from None
-
-
-def finite(value, where, fix):
-    """value as a float, or VerifyError when it is NaN or infinite: no verdict can come of
-    it (every score is < NaN) and JSON cannot hold it."""
-    value = float(value)
-    if not math.isfinite(value):
-        raise VerifyError(f"{where} {value} is not a finite number; {fix}")
-    return value
 
 
 def verify(args):
@@ -100,7 +86,7 @@ def main(argv=None):
     try:
         result = verify(args)
         text = json.dumps(result, indent=2, allow_nan=False)  # every float checked in verify
-    except (VerifyError, DeviceError, faces.FaceError, m.CheckpointError) as e:
+    except (DeviceError, NotFinite, faces.FaceError, m.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # any other failure is an error too, never a verdict (exit 1)
