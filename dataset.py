@@ -244,7 +244,7 @@ def make_split(image_dir, protocol_dir, split="view1", seed=0, val_fraction=0.1,
     fit_names, val_names = split_people(train_names, val_fraction, seed)
     val = sample_pairs(subset(people, val_names), val_pairs, seed + 2)
     return {"train": subset(people, fit_names), "val_pairs": val, "test_pairs": test,
-            "val_people": val_names}
+            "val_people": val_names, "val": subset(people, val_names)}
 
 
 # ---------------------------------------------------------------- images, transforms, datasets

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 import faces
 import losses
 import model
+import operating_points as op
 from inference import FaceModel
 
 MAX_MB = 20
@@ -254,6 +255,28 @@ def pick_checkpoint(rows, logs):
 
 # ------------------------------------------------------------------ the sidebar's choice
 
+ACCURACY_LEVEL = "best accuracy"
+
+
+def strictness_levels(fm):
+    """{label: (threshold, what it means)} of the strictness choice: the accuracy-optimal
+    threshold, then 1 in 100, 1 in 1,000 and 1 in 10,000 different-person pairs accepted, as
+    the checkpoint measured them on its validation people (none in an older checkpoint)."""
+    t, _, meaning = fm.decision()
+    levels = {ACCURACY_LEVEL: (t, capital(meaning) or f"Validation accuracy "
+                               f"{percent(fm.ckpt['metrics'].get('accuracy'))} at threshold "
+                               f"{t:.3f}.")}
+    ops = fm.ckpt.get("operating_points") or {}
+    for point in (ops.get("points") or {}).values():
+        levels[f"{op.one_in(point['far'])} strangers pass"] = (
+            point["threshold"], capital(op.sentence(point, ops)))
+    return levels
+
+
+def capital(text):
+    return text and text[0].upper() + text[1:]
+
+
 class Choice(NamedTuple):
     """What the sidebar chose, for the pages: the checkpoint file version (face_model's
     key), the threshold set on the slider, the score half-span (score_scale), and a line on
@@ -289,8 +312,9 @@ def sidebar():
     except model.CheckpointError as e:
         st.error(f"{e}. Or pick another checkpoint.")
         st.stop()
-    default = fm.threshold
-    lo, hi, half = score_scale(fm.ckpt["model_config"], default)
+    levels = strictness_levels(fm)
+    lo, hi, half = score_scale(fm.ckpt["model_config"], fm.threshold)
+    lo, hi = min([lo] + [t for t, _ in levels.values()]), max([hi] + [t for t, _ in levels.values()])
     with st.sidebar:
         st.caption(f"{row['model']} / {row['loss']} / {row['distance']}, {fm.image_size} px, "
                    f"epoch {row['epoch']}: {row['run']}/{Path(path).name}")
@@ -298,13 +322,23 @@ def sidebar():
             with st.expander(f"{len(skipped)} checkpoint(s) cannot be loaded"):
                 for _, reason in skipped:
                     st.caption(reason)
-        # One key per checkpoint: choosing another model starts at that model's threshold.
+        level = st.selectbox("Strictness", list(levels), key=f"strictness:{path}:{mtime}",
+                             help="How often a stranger may pass: each threshold is the one at "
+                                  "which that share of different-person pairs of the "
+                                  "checkpoint's validation people score above it.")
+        default, meaning = levels[level]
+        # One key per checkpoint and strictness: choosing either starts at its threshold.
         threshold = st.slider("Threshold (score ≥ threshold ⇒ same)", lo, hi, default,
-                              step=(hi - lo) / 400, format="%.3f", key=f"threshold:{path}:{mtime}",
-                              help="Starts at the threshold chosen on this checkpoint's "
-                                   "validation pairs; the range spans the scores it gives.")
-        st.caption(f"Validation accuracy {percent(fm.ckpt['metrics'].get('accuracy'))} at "
-                   f"threshold {default:.3f}.")
+                              step=(hi - lo) / 400, format="%.3f",
+                              key=f"threshold:{path}:{mtime}:{level}",
+                              help="Starts at the strictness's threshold; the range spans the "
+                                   "scores it gives.")
+        st.caption(meaning if threshold == default else
+                   f"A threshold you set ({level}'s is {default:.3f}): its false-accept rate "
+                   "was not measured.")
+        if len(levels) == 1:
+            st.caption(f"No thresholds by false-accept rate in this checkpoint (saved before "
+                       f"they were recorded): `python calibrate.py {path}` adds them.")
     return Choice(path, mtime, threshold, half, notice)
 
 

@@ -31,6 +31,17 @@ rank-5 and the CMC; DIR at FAR 1% and 10% as BLUFR reports them), probes.csv and
 --out (default: <checkpoint folder>/eval-identify-<pairs stem>[-flip][-foldK]/, or under
 logs/ for the shipped model, as above).
 
+--all-pairs scores every pair among all the images of the pairs file's people instead (BLUFR's
+verification protocol, Liao et al. 2014): each image embedded once, then, for each fold of a
+file with folds (View 2's folds share no person; --fold K: that fold only), every pair of
+that fold's images. The TAR at FAR 1e-2, 1e-3 and 1e-4 is read at the checkpoint's own
+thresholds, fitted on its validation people (with the FAR each really gives on the test
+pairs), and, as BLUFR reports it, at thresholds fitted on the test's own different-person
+pairs. Exact: every same-person score and the highest 10% of the different-person ones are
+kept (operating_points.py), which every threshold at FAR <= 0.1 depends on. Writes
+results.json (with the number of pairs each figure rests on) and roc.png (down to FAR 1e-4)
+to --out (default: eval-all-pairs-<pairs stem>[-flip][-foldK]/ beside the checkpoint).
+
 --compare BASE NEW reads the scores.csv of two such folders; a file that lacks a column, has
 a short row, a score that is not a finite number or no pair at all is one line naming it and
 the line. Exit status: 0 done, 2 an error (one line on stderr naming the file and the fix).
@@ -53,6 +64,7 @@ from sklearn.metrics import RocCurveDisplay
 import dataset as ds
 import metrics
 import model as m
+import operating_points as op
 import pairs as pr
 from inference import FaceModel
 from runtime import DeviceError, pick_device, set_threads, write_atomic
@@ -104,6 +116,9 @@ def parse_args(argv):
                    help="one fold of a file with folds (pairs.txt, a .bin, a CSV's fold column) "
                         "as the test set: the threshold is chosen on the other folds' pairs and "
                         "the figures are for this fold's pairs alone")
+    p.add_argument("--all-pairs", action="store_true",
+                   help="score every pair among the images of the pairs file's people "
+                        "(per fold), BLUFR-style: TAR at FAR 1e-2, 1e-3, 1e-4")
     p.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"), default=None,
                    help="two evaluation folders of the same pairs file (their scores.csv): the "
                         "accuracy of NEW minus BASE with a paired bootstrap 95%% interval, "
@@ -464,6 +479,8 @@ def model_fields(fm):
 def evaluate(args):
     if args.identify:
         return evaluate_identification(args)
+    if args.all_pairs:
+        return evaluate_all_pairs(args)
     start = time.perf_counter()
     fm = open_model(args)
     got = load_pairs(args, fm)
@@ -587,12 +604,32 @@ def print_identification(r):
              f"closed set  rank-1 {r['rank1']:.4f}, rank-5 {r['rank5']:.4f}"]
     dirs = [f"{r[k]:.4f} at FAR {k.split('=')[1]}" for k in ("dir@far=0.01", "dir@far=0.1")
             if r[k] is not None]
-    lines.append(f"open set    DIR {', '.join(dirs)}" if dirs else
+    lines.append(f"open set    DIR {', '.join(dirs)} (BLUFR: thresholds fitted on these "
+                 "non-mated probes)" if dirs else
                  "open set    no non-mated probes (nobody with one photo): DIR not measured")
+    for name, v in r.get("at_validation_thresholds", {}).items():
+        if v["dir"] is not None and v["false_alarm_rate"] is not None:
+            lines.append(f"            DIR {v['dir']:.4f} with false alarms {v['false_alarm_rate']:.4f}"
+                         f" at the checkpoint's {name} threshold {v['threshold']:.4f}")
     print("\n".join(lines))
     if r["contaminated"]:
         print(f"WARNING: {r['people_seen_in_training']} of {r['people_in_pairs']} people in "
               f"{Path(r['pairs']).name} were seen in training: this result is contaminated")
+
+
+def validation_open_set(fm, scores, probe_labels, labels):
+    """{name: {threshold, dir, false_alarm_rate}} at the checkpoint's own thresholds (the
+    accuracy-optimal one and those by pair FAR, fitted on its validation people): what
+    identify.py answers with. The dir@far figures are BLUFR's instead, their thresholds fitted
+    on this test's non-mated probes."""
+    ops = fm.ckpt.get("operating_points") or {}
+    named = {"accuracy": fm.threshold, **{f"far={k}": p["threshold"]
+                                          for k, p in (ops.get("points") or {}).items()}}
+    out = {}
+    for name, t in named.items():
+        hit, alarm = metrics.open_set_at(scores, probe_labels, labels, t)
+        out[name] = {"threshold": t, "dir": hit, "false_alarm_rate": alarm}
+    return out
 
 
 def evaluate_identification(args):
@@ -610,7 +647,9 @@ def evaluate_identification(args):
     n = len(got.gallery)
     scores = fm.score_matrix(emb[n:], fm.prepare_gallery(emb[:n])).numpy()
     labels = [name for name, _ in got.gallery]
-    report = metrics.identification_summary(scores, [name for name, _ in got.probes], labels)
+    probe_labels = [name for name, _ in got.probes]
+    report = metrics.identification_summary(scores, probe_labels, labels)
+    report["at_validation_thresholds"] = validation_open_set(fm, scores, probe_labels, labels)
     seconds["score"] = time.perf_counter() - t0
     out = out_folder(args, fm, got.path, "identify-")
     out.mkdir(parents=True, exist_ok=True)
@@ -621,13 +660,106 @@ def evaluate_identification(args):
                "images": len(paths), "people_missing": len(got.missing),
                "device": str(fm.device),
                "protocol": "closed set: first photo by name enrolled, the others probes; open "
-                           "set: people with one photo as non-mated probes; BLUFR DIR at rank 1",
+                           "set: people with one photo as non-mated probes; BLUFR DIR at rank 1, "
+                           "its thresholds fitted on these non-mated probes (open_set_"
+                           "thresholds); at_validation_thresholds: the checkpoint's own",
                **contamination(got.pairs, None, fm.ckpt), **report,
                "time_s": {**seconds, "total": time.perf_counter() - start}}
     write_atomic(out / "results.json", json.dumps(results, indent=2))
     print_identification(results)
     print(f"wrote results.json, probes.csv and cmc.png to {out}")
     return 0
+
+
+# ------------------------------------------------------------------ all pairs (--all-pairs)
+
+def all_pairs_sets(args, got):
+    """[(name, people)] of --all-pairs: one set per fold of a file with folds (their people
+    are disjoint in View 2), else the file's people as one set."""
+    folds, protocol = pair_folds(got.pairs, got.path)
+    if args.fold is not None or protocol == ONE_SET:
+        return [("all" if args.fold is None else f"fold {args.fold}", got.people)]
+    sets = []
+    for k in np.unique(folds):
+        names = pr.people_of([p for p, f in zip(got.pairs, folds) if f == k])
+        sets.append((f"fold {k}", {n: got.people[n] for n in sorted(names) if n in got.people}))
+    return sets
+
+
+def plot_far_roc(curves, path):
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, (far, tar) in curves:
+        ax.plot(far, tar, label=name, linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1e-1)
+    ax.set_xlabel("false-accept rate (every different-person pair)")
+    ax.set_ylabel("true-accept rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_all_pairs(args):
+    """evaluate.py --all-pairs: embed every image of the people once, then for each set every
+    pair among its images, judged at the checkpoint's validation thresholds."""
+    start = time.perf_counter()
+    fm = open_model(args)
+    got = identification_people(args, fm)
+    ops = fm.ckpt.get("operating_points")
+    if not ops:
+        print(f"note: {fm.path} has no validation thresholds by FAR (`python calibrate.py "
+              f"{fm.path}` adds them); only the test-fitted TAR is reported")
+    sets = all_pairs_sets(args, got)
+    paths = [p for _, people in sets for n in sorted(people) for p in people[n]]
+    print(f"{len(paths)} images of {sum(len(p) for _, p in sets)} people of {got.path}, "
+          f"{len(sets)} set(s): embedding from {got.data} ({got.data_source})")
+    emb, seconds = embed_paths(fm, paths, args)
+    t0, reports, curves, i = time.perf_counter(), [], [], 0
+    for name, people in sets:
+        n = sum(len(v) for v in people.values())
+        e, ids = emb[i:i + n], [Path(p).parent.name for p in paths[i:i + n]]
+        i += n
+        pairs = op.embedding_pairs(fm.score_matrix, fm.prepare_gallery(e), e, ids,
+                                   op.thresholds_of(ops))
+        reports.append({"set": name, "n_images": n, "n_people": len(people),
+                        **op.judged(pairs, ops)})
+        curves.append((f"{name}: {n} images", op.roc(pairs)))
+    seconds["score"] = time.perf_counter() - t0
+    out = out_folder(args, fm, got.path, "all-pairs-")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_far_roc(curves, out / "roc.png")
+    results = {**model_fields(fm), "pairs": str(got.path), "fold": args.fold,
+               "data": str(got.data), "flip": args.flip, "images": len(paths),
+               "protocol": "every pair among the images of the file's people, per fold "
+                           "(BLUFR); thresholds from the checkpoint's validation people",
+               "validation": {k: v for k, v in (ops or {}).items()},
+               **contamination(got.pairs, None, fm.ckpt), "sets": reports,
+               "summary": op.across(reports), "exact_for_far_up_to": op.KEEP,
+               "time_s": {**seconds, "total": time.perf_counter() - start}}
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
+    print_all_pairs(results)
+    print(f"wrote results.json and roc.png to {out}")
+    return 0
+
+
+def print_all_pairs(r):
+    for s in r["sets"]:
+        print(f"{s['set']:<8} {s['n_images']} images of {s['n_people']} people: "
+              f"{s['n_same']:,} same-person and {s['n_different']:,} different-person pairs")
+        for key, fitted in s["at_test_thresholds"].items():
+            v = s["at_validation_thresholds"].get(key)
+            held = f"TAR {v['tar']:.2%} at the validation threshold {v['threshold']:.4f} " \
+                f"(its FAR here {v['far']:.2g}, {v['false_accepts']:,} false accepts); " \
+                if v else ""
+            print(f"  FAR {key:<6} {held}TAR {fitted['tar']:.2%} at the test's own threshold")
+    if len(r["sets"]) > 1:
+        for key, v in r["summary"].items():
+            print(f"mean over {v['n_sets']} sets, {key}: TAR {v['mean']:.2%} ± {v['std']:.2%}")
+    if r["contaminated"]:
+        print(f"WARNING: {r['people_seen_in_training']} of {r['people_in_pairs']} people were "
+              "seen in training: this result is contaminated")
 
 
 def compare(base, new, out=None):

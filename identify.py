@@ -1,7 +1,7 @@
 """Who, among the people I know, is in this photo? 1:N identification against a gallery.
 
-    python identify.py GALLERY QUERY... [--checkpoint PATH] [--top 5] [--threshold T] [--json]
-        [--device auto|cpu|cuda]
+    python identify.py GALLERY QUERY... [--checkpoint PATH] [--top 5] [--far 1e-3 |
+        --threshold T] [--json] [--device auto|cpu|cuda]
 
 GALLERY is a folder of <person>/<photo>.jpg (jpeg, png, gif, webp) files: one folder per
 person, named after them, with one or more photos each, read by dataset.scan_people's rule
@@ -15,8 +15,10 @@ people is kept under the first of them by folder name and skipped, with a warnin
 both files, under the others: one photo cannot be two people, and keeping it twice would
 tie them on every query. Every face of each QUERY photo is answered, with its box: the
 --top people of the gallery by score, and "unknown" when the best score is below the
-threshold (default: the checkpoint's validation threshold, so that "known" means what "same
-person" means in verify.py).
+threshold, chosen as verify.py chooses it (--threshold, else --far's stored threshold, else
+the checkpoint's accuracy-optimal one), so that "known" means what "same person" means
+there. The FAR is per compared photo: the output also says how likely a stranger is to match
+someone in a gallery of this size (stranger_chance).
 
 A person with several photos is matched by the best of them (the highest score over that
 person's photos): see person_scores.
@@ -54,7 +56,8 @@ from tqdm import tqdm
 import dataset as ds
 import faces
 import model as m
-from inference import FaceModel
+import operating_points as op
+from inference import FaceModel, source_text
 from runtime import (DeviceError, NotFinite, error_line, finite, pick_device, set_threads,
                      sha256_file, write_atomic)
 
@@ -85,7 +88,11 @@ def parse_args(argv):
                         "logs/<run>/best_accuracy.pt)")
     p.add_argument("--top", type=int, default=5, help="people listed per face")
     p.add_argument("--threshold", type=float, default=None,
-                   help="a best score below it is 'unknown' (default: the checkpoint's)")
+                   help="a best score below it is 'unknown' (wins over --far; default: the "
+                        "checkpoint's accuracy-optimal one)")
+    p.add_argument("--far", type=float, default=None,
+                   help="false-accept rate per compared photo: use the checkpoint's threshold "
+                        "for it (1e-2, 1e-3 or 1e-4)")
     p.add_argument("--json", action="store_true", help="print a machine-readable list")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
@@ -395,17 +402,24 @@ def identify(args, say=print):
     if args.threshold is not None:  # cheap checks first
         finite(args.threshold, "--threshold", "pass a score such as 0.5, or leave it "
                         "out for the checkpoint's own")
+    if args.far is not None:
+        op.check_far(args.far)
     queries = [(q, faces.read_image(q)) for q in args.queries]
     files = gallery_files(args.gallery)
     device = pick_device(args.device)
     set_threads()
     fm = FaceModel.load(args.checkpoint, device)
     path = fm.path
-    threshold = float(args.threshold) if args.threshold is not None else \
-        finite(fm.threshold, f"{path}: its threshold", "pass --threshold")
-    source = "the checkpoint's validation threshold" if args.threshold is None else "--threshold"
-    say(printable(f"{fm.describe()} (threshold {threshold:.4f}, {source})"))
+    threshold, source, meaning = fm.decision(args.threshold, args.far)
+    threshold = finite(threshold, f"{path}: its threshold", "pass --threshold")
+    say(printable(f"{fm.describe()} (threshold {threshold:.4f}, "
+                  f"{source_text(source, args.far)})"))
+    if meaning:
+        say(f"threshold: {meaning}")
     gallery = load_gallery(args.gallery, files, fm)
+    chance = stranger_chance(fm, threshold, len(gallery.photos), args)
+    if chance:
+        say(chance)
     for w in gallery.warnings:
         print(f"warning: {printable(w)}", file=sys.stderr)
     say(f"gallery: {printable(args.gallery)}: {len(gallery.people)} people in "
@@ -414,8 +428,24 @@ def identify(args, say=print):
         f"{gallery.n_new} photos embedded now, the others from the cache")
     results = answer_queries(queries, fm, gallery, args.top, threshold)
     common = {"gallery": str(args.gallery), "checkpoint": str(path), "threshold": threshold,
-              "threshold_source": "checkpoint" if args.threshold is None else "--threshold"}
+              "threshold_source": source, "threshold_meaning": meaning, "far": args.far}
     return [{**r, **common} for r in results]
+
+
+def stranger_chance(fm, threshold, n_photos, args):
+    """What a per-pair false-accept rate means for a search: a stranger is compared with
+    every gallery photo, so their chance of matching someone grows with the gallery, about
+    1 - (1 - FAR)^photos. None without a measured FAR for this threshold."""
+    if args.threshold is not None:
+        return None
+    ops = fm.ckpt.get("operating_points") or {}
+    point = ops.get("points", {}).get(op.far_key(args.far)) if args.far is not None \
+        else ops.get("accuracy")
+    if not point or not n_photos:
+        return None
+    chance = 1 - (1 - point["far"]) ** n_photos
+    return (f"with {n_photos} gallery photos, a stranger's face matches someone at this "
+            f"threshold with a chance of about {chance:.0%} (FAR {point['far']:.2g} per photo)")
 
 
 def printable(text):
@@ -465,7 +495,8 @@ def main(argv=None):
     try:
         # --json keeps stdout for the JSON alone, which names the checkpoint in each entry.
         results = identify(args, say=(lambda line: None) if args.json else print)
-    except (IdentifyError, DeviceError, NotFinite, faces.FaceError, m.CheckpointError) as e:
+    except (IdentifyError, DeviceError, NotFinite, faces.FaceError, m.CheckpointError,
+            op.BadRate) as e:
         print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # any other failure is an error too, in one line

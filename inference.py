@@ -20,6 +20,7 @@ import torch
 import dataset as ds
 import faces
 import model as m
+import operating_points as op
 from runtime import autocast, sha256_file
 
 BATCH = 256  # faces per forward pass: a few hundred MB of activations for the largest net
@@ -68,6 +69,29 @@ class FaceModel:
 
     def describe(self, logs="logs"):
         return m.describe_checkpoint(self.path, logs)
+
+    # ------------------------------------------------------------------------ thresholds
+
+    @property
+    def operating_points(self):
+        """The stored FAR thresholds, or op.NoOperatingPoints naming the fix."""
+        return op.stored(self.ckpt, self.path)
+
+    def decision(self, threshold=None, far=None):
+        """(threshold, source, what it means) of the same-person rule: a given threshold
+        wins ("--threshold"), then the stored one for a false-accept rate ("--far"), then the
+        checkpoint's accuracy-optimal one ("checkpoint"). The meaning is a sentence from the
+        validation people's pairs (None for a chosen threshold, or for an older checkpoint's
+        accuracy threshold); source_text(source, far) says the source in words."""
+        if threshold is not None:
+            return float(threshold), "--threshold", None
+        if far is not None:
+            ops = self.operating_points
+            point = op.choose(ops, op.check_far(far), self.path)
+            return point["threshold"], "--far", op.sentence(point, ops)
+        ops = self.ckpt.get("operating_points") or {}
+        meaning = op.sentence(ops["accuracy"], ops) if "accuracy" in ops else None
+        return self.threshold, "checkpoint", meaning
 
     # --------------------------------------------------------------------------- faces
 
@@ -123,3 +147,10 @@ class FaceModel:
         """model.score_pairs in this checkpoint's precision: each unique image embedded once."""
         return m.score_pairs(self.net, pairs, images_of, batch_size, self.device, flip,
                              self.amp)
+
+
+def source_text(source, far=None):
+    """A FaceModel.decision's source, as the command-line tools print it."""
+    return {"--threshold": "--threshold",
+            "--far": f"the checkpoint's threshold for FAR {far:g}" if far else "--far",
+            "checkpoint": "the checkpoint's validation threshold, the best-accuracy one"}[source]

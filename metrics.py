@@ -351,6 +351,18 @@ def dir_at_far(scores, probe_labels, gallery_labels, far):
     return float(np.mean((ranks == 1) & (top >= threshold))) if mated.any() else None, threshold
 
 
+def open_set_at(scores, probe_labels, gallery_labels, threshold):
+    """(DIR, false-alarm rate) at a given threshold, such as one fitted on validation people:
+    the share of mated probes whose true person ranks first with a score >= threshold, and
+    the share of non-mated probes whose best score reaches it (None where there are none)."""
+    person, _ = best_per_person(scores, gallery_labels)
+    ranks, mated = identification_ranks(scores, probe_labels, gallery_labels)
+    best = person.max(1)
+    hit = float(np.mean((ranks == 1) & (best[mated] >= threshold))) if mated.any() else None
+    alarm = float(np.mean(best[~mated] >= threshold)) if (~mated).any() else None
+    return hit, alarm
+
+
 def identification_summary(scores, probe_labels, gallery_labels, fars=(0.01, 0.1), max_rank=20):
     """Closed-set rank-1 and rank-5 identification rates and the CMC over the mated probes,
     and the open-set DIR at each false-alarm rate (None without non-mated probes), as

@@ -144,28 +144,35 @@ def embed_images(net, images, transform, batch_size=256, device="cpu", flip=Fals
 SCORE_CHUNK = 8192  # pairs scored per call: bounds memory with 4096-d Koch embeddings
 
 
-def unique_images(pairs):
-    """(sorted unique paths, index_a, index_b) of [(path_a, path_b, ...)] pairs."""
-    paths = sorted({p for pair in pairs for p in pair[:2]})
+def unique_images(pairs, paths=None):
+    """(sorted unique paths, index_a, index_b) of [(path_a, path_b, ...)] pairs (into the
+    given paths, a superset, if any)."""
+    paths = paths if paths is not None else sorted({p for pair in pairs for p in pair[:2]})
     index = {p: i for i, p in enumerate(paths)}
     return (paths, torch.tensor([index[pair[0]] for pair in pairs], dtype=torch.long),
             torch.tensor([index[pair[1]] for pair in pairs], dtype=torch.long))
 
 
 @torch.no_grad()
-def score_pairs(net, pairs, images_of, batch_size=256, device="cpu", flip=False, amp=False):
+def score_pairs(net, pairs, images_of, batch_size=256, device="cpu", flip=False, amp=False,
+                also=()):
     """The one way pairs are scored (validation, evaluate.py, the benchmark): embed every
     unique image once, then score every pair from the cached embeddings in vectorised chunks.
 
     pairs: [(path_a, path_b, ...)]; images_of(paths) -> uint8 (N, 3, H, W) at the net's input
     size. amp: embed in the mixed precision the net was trained and validated in, so that
-    scores match its threshold. Returns a dict: scores (numpy), embeddings, a and b (index
-    tensors into them), paths, images and the seconds spent decoding, embedding and scoring.
+    scores match its threshold. also: more image paths to embed in the same pass (their
+    embeddings are returned; no pair scored). Returns a dict: scores (numpy), embeddings, a
+    and b (index tensors into them), paths, images and the seconds spent decoding, embedding
+    and scoring.
     """
     import dataset  # the input pipeline lives there; imported here to keep model.py light
     from runtime import autocast
     device = torch.device(device)
     paths, a, b = unique_images(pairs)
+    if also:  # re-index: paths stay sorted and unique
+        paths = sorted(set(paths) | set(also))
+        _, a, b = unique_images(pairs, paths)
     t0 = time.perf_counter()
     images = images_of(paths)
     t1 = time.perf_counter()
@@ -303,7 +310,12 @@ def describe_checkpoint(path, logs="logs"):
     return f"model: {path}"
 
 
-def export_weights(ckpt, path):
+# The training settings an export keeps: its precision, and what rebuilds its split.
+EXPORTED_CONFIG = ("mixed_precision", "data_dir", "split", "seed", "val_fraction", "val_pairs",
+                   "slice_of_data", "fold")
+
+
+def export_weights(ckpt, path, source=None):
     """A checkpoint as a small file to ship: weights only, in half precision, plus what
     rebuilding the network and its faces needs and what it was validated at."""
     from runtime import write_atomic
@@ -312,7 +324,10 @@ def export_weights(ckpt, path):
              "model_config": ckpt["model_config"], "crop": ckpt.get("crop"),
              "threshold": ckpt["threshold"], "metrics": ckpt["metrics"],
              "epoch": ckpt.get("epoch"), "train_people": ckpt.get("train_people", []),
-             "config": {k: ckpt["config"][k] for k in ("mixed_precision", "data_dir", "split")
+             "val_people": ckpt.get("val_people", []),
+             "operating_points": ckpt.get("operating_points"),
+             "config": {k: ckpt["config"][k] for k in EXPORTED_CONFIG
                         if k in ckpt.get("config", {})},
-             "git_commit": ckpt.get("git_commit"), "shipped": True}
+             "source": ckpt.get("source", source), "git_commit": ckpt.get("git_commit"),
+             "shipped": True}
     write_atomic(path, write=lambda tmp: torch.save(small, tmp))

@@ -6,7 +6,10 @@ work right after cloning: weights only, in half precision, with a model card.
 
 CHECKPOINT is a best_*.pt (the benchmark's `best` View 1 run); --view1 and --identify are the
 results.json that evaluate.py wrote for it on pairsDevTest.txt (without and with --identify).
-Their figures go into models/MODEL_CARD.md. Every input is checked before anything is written;
+Their figures go into models/MODEL_CARD.md, with the checkpoint's thresholds by false-accept
+rate (a checkpoint saved before training recorded them: `python calibrate.py CHECKPOINT`
+first; re-shipping models/lfw-compact.pt itself is allowed). Every input is checked before
+anything is written;
 then the model and its card are replaced together, so that they never disagree. Exit 0 when
 shipped, 2 on a bad input (one line naming it and the fix; nothing replaced). A model trained
 later under logs/ takes precedence over the shipped one.
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 
 import model as m
+import operating_points as op
 from runtime import error_line, is_number, sha256_file, write_atomic
 
 MAX_MB = 6  # the one checkpoint git may hold
@@ -34,18 +38,18 @@ def parse_args(argv):
 
 def card(ckpt, view1, ident, source):
     c, cfg = ckpt["model_config"], ckpt["config"]
+    made_from = ckpt.get("source") or source
+    n_val = len(ckpt.get("val_people") or [])
     lines = [
         "# Model card: `lfw-compact.pt`", "",
         f"- **What it is:** the `{c['model']}` siamese network ({c['loss']} loss, "
         f"{c['distance']} score, {c['embedding_dim']}-d embedding, {c['image_size']} px "
         f"{(ckpt.get('crop') or {}).get('mode', '?')} face crops), weights in half precision. "
-        f"Made from `{source}` (commit `{str(ckpt.get('git_commit'))[:10]}`) by `ship_model.py`.",
+        f"Made from `{made_from}` (commit `{str(ckpt.get('git_commit'))[:10]}`) by `ship_model.py`.",
         f"- **Trained on:** LFW only, from scratch: the {len(ckpt.get('train_people', []))} "
-        f"people of the {cfg.get('split', 'view1')} training set, less the "
-        f"{cfg.get('val_fraction', 0):.0%} held out for the validation pairs; no outside data, "
-        "no pretrained weights.",
-        f"- **Threshold:** {ckpt['threshold']:.4f} on its score (chosen on the validation pairs "
-        "of held-out training people); a score at or above it means the same person.",
+        f"people of the {cfg.get('split', 'view1')} training set, less the {n_val} held out "
+        "for validation; no outside data, no pretrained weights.",
+        *threshold_lines(ckpt),
     ]
     if view1:
         lines.append(f"- **View 1 DevTest** (people never seen in training): accuracy "
@@ -63,6 +67,23 @@ def card(ckpt, view1, ident, source):
         "adult white men, at 250 px; accuracy on other faces, poses, ages, lighting or cameras "
         "is unmeasured and likely lower.", ""]
     return "\n".join(lines)
+
+
+def threshold_lines(ckpt):
+    """The card's thresholds: the accuracy-optimal one and those by false-accept rate, with
+    what each gives on the validation people."""
+    ops = ckpt["operating_points"]
+    acc = ops.get("accuracy") or {}
+    seen = f" On every pair of the validation people it accepts {acc['far']:.1%} of " \
+        f"different-person pairs and {acc['tar']:.1%} of same-person pairs." if acc else ""
+    rates = "; ".join(f"FAR {k}: {p['threshold']:.4f} (TAR {p['tar']:.1%})"
+                      for k, p in ops["points"].items())
+    return [f"- **Threshold:** {ckpt['threshold']:.4f} on its score, the default (the best "
+            "accuracy on the validation pairs of held-out training people); a score at or "
+            f"above it means the same person.{seen}",
+            f"- **Thresholds by false-accept rate** (`verify.py --far 1e-3`, `identify.py --far "
+            f"1e-3`, the demo's strictness), from {ops['on']} ({ops['n_same']:,} same-person "
+            f"and {ops['n_different']:,} different-person pairs): {rates}."]
 
 
 class ShipError(Exception):
@@ -117,6 +138,7 @@ def read_inputs(args):
     try:
         _, ckpt = m.load_checkpoint(args.checkpoint)
         m.checkpoint_crop_settings(ckpt, args.checkpoint)  # a shipped model must take faces
+        op.stored(ckpt, args.checkpoint)  # and say what its thresholds mean
     except m.CheckpointError as e:
         raise ShipError(str(e)) from None
     view1, ident = (read_report(p, o, args.checkpoint) if p else None
@@ -134,9 +156,9 @@ def read_inputs(args):
     return ckpt, out, text
 
 
-def export_checked(ckpt, path, out):
+def export_checked(ckpt, path, out, source):
     """The export written to PATH (a temporary file), refused when it is too large to ship."""
-    m.export_weights(ckpt, path)
+    m.export_weights(ckpt, path, source)
     size_mb = Path(path).stat().st_size / 2 ** 20
     if size_mb > MAX_MB:
         raise ShipError(f"{out}: the export takes {size_mb:.1f} MB, over the {MAX_MB} MB a "
@@ -144,7 +166,7 @@ def export_checked(ckpt, path, out):
     return size_mb
 
 
-def write_model_and_card(ckpt, out, text):
+def write_model_and_card(ckpt, out, text, source):
     """Replace the model and its card together: the card's new text is on disk first, then
     the model is replaced, then the card. A failure before leaves both old files in place."""
     size = []
@@ -154,7 +176,7 @@ def write_model_and_card(ckpt, out, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        write_atomic(out, write=lambda t: size.append(export_checked(ckpt, t, out)))
+        write_atomic(out, write=lambda t: size.append(export_checked(ckpt, t, out, source)))
     write_atomic(out.parent / "MODEL_CARD.md", write=write_card)
     return size[0]
 
@@ -163,7 +185,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         ckpt, out, text = read_inputs(args)
-        size_mb = write_model_and_card(ckpt, out, text)
+        size_mb = write_model_and_card(ckpt, out, text, args.checkpoint)
     except ShipError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

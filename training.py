@@ -33,6 +33,7 @@ import dataset as ds
 import faces
 import losses
 import metrics
+import operating_points as op
 import pairs
 from backbones import PretrainedWeightsMissing
 from recipes import defaults_of, help_text
@@ -240,10 +241,14 @@ def build_data(cfg):
                           cfg["val_fraction"], cfg["val_pairs"], slice_of_data=cfg["slice_of_data"],
                           fold=cfg["fold"], with_test=False)
     people = split["train"]
-    val_paths = {p for a, b, _ in split["val_pairs"] for p in (a, b)}
+    # Every image of the validation people, not only the pairs': the operating points score
+    # every pair among them.
+    val_paths = {p for a, b, _ in split["val_pairs"] for p in (a, b)} | \
+        {p for v in split["val"].values() for p in v}
     bank = ds.ImageBank([p for v in people.values() for p in v] + list(val_paths),
                         cfg["image_size"], cache=cfg["cache_images"])
     return SimpleNamespace(split=split, people=people, val_pairs=split["val_pairs"], bank=bank,
+                           val_people=split["val"],
                            labels={n: i for i, n in enumerate(sorted(people))}, crop=crop,
                            n_train_images=len(bank.paths) - len(val_paths),
                            transform=ds.keep if cfg["batch_augment"] else
@@ -325,17 +330,21 @@ def unpack(batch, loss):
 # ------------------------------------------------------------------ validation
 
 @torch.no_grad()
-def validate(net, cfg, val_pairs, bank, device):
-    """Metrics on validation pairs, scored as evaluate.py scores (model.score_pairs), and the
-    run's own loss on the validation people. Its validation_loss needs no trained parameter
-    of the loss (validation people have no ArcFace centres), so one is built from cfg, under
-    fork_rng: its unused centres' initialisation must not move the training run's random
-    stream, or a run's later epochs would depend on how often it validates."""
+def validate(net, cfg, data, device):
+    """Metrics on validation pairs, scored as evaluate.py scores (model.score_pairs), the
+    run's own loss on the validation people, and the operating points at each false-accept
+    rate from every pair of the validation people's images (embedded in the same pass).
+    validation_loss needs no trained parameter of the loss (validation people have no ArcFace
+    centres), so one is built from cfg, under fork_rng: its unused centres' initialisation
+    must not move the training run's random stream, or a run's later epochs would depend on
+    how often it validates."""
     net.eval()
-    out = score_pairs(net, val_pairs, lambda paths: torch.stack([bank[p] for p in paths]),
-                      cfg["batch_size"], device, amp=cfg["mixed_precision"])
+    val_images = [p for name in sorted(data.val_people) for p in data.val_people[name]]
+    out = score_pairs(net, data.val_pairs,
+                      lambda paths: torch.stack([data.bank[p] for p in paths]),
+                      cfg["batch_size"], device, amp=cfg["mixed_precision"], also=val_images)
     s = out["scores"]
-    y = np.array([label for _, _, label in val_pairs], dtype=int)
+    y = np.array([label for _, _, label in data.val_pairs], dtype=int)
     names = {name: i for i, name in enumerate(sorted({p.parent.name for p in out["paths"]}))}
     ids = torch.tensor([names[p.parent.name] for p in out["paths"]], dtype=torch.long)
     with torch.random.fork_rng(devices=[]):
@@ -344,9 +353,21 @@ def validate(net, cfg, val_pairs, bank, device):
                                  out["b"], torch.from_numpy(y), ids)
     threshold = metrics.best_threshold(s, y)
     row = metrics.threshold_metrics(s, y, threshold)
-    row.update(auc=metrics.roc_auc(s, y), loss=float(value))
+    row.update(auc=metrics.roc_auc(s, y), loss=float(value),
+               operating_points=validation_points(net, out, val_images, threshold, device))
     net.train()
     return row
+
+
+def validation_points(net, out, val_images, threshold, device):
+    """operating_points.record of every pair of the validation people's images, with the
+    false-accept rate of the accuracy-optimal threshold."""
+    index = {p: i for i, p in enumerate(out["paths"])}
+    emb = out["embeddings"][[index[p] for p in val_images]].to(device)
+    ids = [p.parent.name for p in val_images]
+    pairs = op.embedding_pairs(net.score_matrix, net.prepare_gallery(emb), emb, ids,
+                               thresholds=(threshold,))
+    return op.record(pairs, len(val_images), len(set(ids)), threshold)
 
 
 # ------------------------------------------------------------------ checkpoints and records
@@ -363,7 +384,9 @@ def checkpoint(run, row):
             "model_config": ModelConfig.from_dict(cfg).to_dict(), "crop": run.data.crop,
             "config": cfg, "epoch": run.state["epoch"], "step": run.state["step"],
             "metrics": row, "threshold": row["threshold"],
+            "operating_points": row["operating_points"],
             "train_people": sorted(run.data.people) + list(run.data.split["val_people"]),
+            "val_people": list(run.data.split["val_people"]),
             "git_commit": run.commit}
 
 
@@ -608,7 +631,7 @@ def train_step(run, batch, times=None):
 
 def save_snapshot(run, budget, minutes):
     """snapshot_<m>min.pt: where a time-budgeted run's accuracy curve is going."""
-    row = validate(eval_net(run), run.cfg, run.data.val_pairs, run.data.bank, run.device)
+    row = validate(eval_net(run), run.cfg, run.data, run.device)
     run.state["minutes"] = budget.minutes()
     path = run.run_dir / f"snapshot_{minutes:g}min.pt"
     ckpt = checkpoint(run, row)
@@ -628,7 +651,7 @@ def evaluate_epoch(run, step_losses, images_per_s):
         raise SystemExit(f"error: training diverged: the loss became {np.mean(step_losses)} in "
                          f"epoch {state['epoch']}; lower --lr (now {cfg['lr']:g}) or use "
                          f"another loss; {run.run_dir}/best_*.pt of earlier epochs are kept")
-    row = validate(eval_net(run), cfg, run.data.val_pairs, run.data.bank, run.device)
+    row = validate(eval_net(run), cfg, run.data, run.device)
     row.update(epoch=state["epoch"], step=state["step"], minutes=state["minutes"],
                lr=run.optimizer.param_groups[0]["lr"], train_loss=float(np.mean(step_losses)),
                images_per_s=images_per_s)
@@ -752,7 +775,7 @@ def profile(namespace, argv, steps=20, warmup=3):
             images += n
         done += 1
     t0 = clock()
-    validate(net, cfg, data.val_pairs, data.bank, device)
+    validate(net, cfg, data, device)
     step_ms = sum(parts.values())
     return {"ms_per_step": parts, "step_ms": step_ms, "images_per_s": images / steps / step_ms * 1000,
             "validation_s": clock() - t0, "val_pairs": len(data.val_pairs),

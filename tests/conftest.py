@@ -142,3 +142,14 @@ def png_claiming(width, height):
     data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
     data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
     return bytes(data)
+
+
+def validation_data(split):
+    """What training.validate reads of a run's data (training.build_data): the validation
+    pairs and people, and every image of theirs decoded at 32 px (tiny_args' size)."""
+    from types import SimpleNamespace
+    import dataset as ds
+    paths = {p for a, b, _ in split["val_pairs"] for p in (a, b)} | \
+        {p for v in split["val"].values() for p in v}
+    return SimpleNamespace(val_pairs=split["val_pairs"], val_people=split["val"],
+                           bank=ds.ImageBank(paths, 32))

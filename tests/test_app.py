@@ -237,6 +237,47 @@ def test_threshold_slider_spans_real_scores_and_near_ones_are_close_calls(monkey
     assert verdicts(at)["success"] == ["Verdict: Same person"]
 
 
+# The fixture net's score of the astronaut and its mirror image is about -0.13.
+POINTS = {"points": {"0.01": {"far": 1e-2, "threshold": -0.5, "tar": 0.8},
+                     "0.0001": {"far": 1e-4, "threshold": -0.02, "tar": 0.1}},
+          "accuracy": {"threshold": THRESHOLD, "far": 0.08, "tar": 0.9},
+          "n_people": 40, "n_same": 300, "n_different": 90_000}
+
+
+def strictness_box(at):
+    return next(b for b in at.sidebar.selectbox if b.label == "Strictness")
+
+
+def test_strictness_sets_the_threshold_and_changes_a_close_pairs_verdict(monkeypatch,
+                                                                           tmp_path, astronaut):
+    run = tmp_path / "compact-arcface-20250101-120000"
+    write_checkpoint(run / "best_accuracy.pt", operating_points=POINTS)
+    at = start(monkeypatch, tmp_path)
+    strictness = strictness_box(at)
+    assert strictness.options == ["best accuracy", "1 in 100 strangers pass",
+                                  "1 in 10,000 strangers pass"]
+    assert at.sidebar.slider[0].value == pytest.approx(THRESHOLD)
+    assert "about 1 in 12 different-person pairs score at or above -0.3000" in texts(at)
+    upload(at, ("astronaut.jpg", astronaut), ("mirror.jpg", jpeg(np.asarray(
+        Image.open(io.BytesIO(astronaut)))[:, ::-1].copy())))
+    assert verdicts(at)["success"] == ["Verdict: Same person"]
+    strictness_box(at).set_value("1 in 10,000 strangers pass")
+    at.run()
+    assert at.sidebar.slider[0].value == pytest.approx(-0.02)
+    assert verdicts(at)["info"] == ["Verdict: Different people"]
+    assert "On 40 validation people (90,000 different-person pairs), about 1 in 10,000" \
+        in texts(at)
+    at.sidebar.slider[0].set_value(-0.9).run()  # a threshold of one's own is said to be so
+    assert "its false-accept rate was not measured" in texts(at)
+
+
+def test_a_checkpoint_without_far_thresholds_offers_accuracy_only_and_names_the_fix(
+        monkeypatch, logs):
+    at = start(monkeypatch, logs)
+    assert strictness_box(at).options == ["best accuracy"]
+    assert "python calibrate.py" in texts(at)
+
+
 @pytest.mark.parametrize("cfg, threshold, expected", [
     ({"loss": "arcface", "distance": "cosine"}, -0.6, (-1.2, 0.0, 0.6)),
     ({"loss": "arcface", "distance": "cosine"}, -1.9, (-2.0, 0.0, 1.9)),
@@ -340,7 +381,8 @@ def test_training_and_validation_loss_get_a_chart_each(monkeypatch, logs):
 
 def test_picker_labels_are_short_and_file_names_are_shown_whole(monkeypatch, logs, astronaut):
     at = start(monkeypatch, logs)
-    run, best = at.sidebar.selectbox
+    run, best, strictness = at.sidebar.selectbox
+    assert strictness.label == "Strictness"
     assert run.options == ["compact-arcface-20250101-120000"]
     assert best.options == ["accuracy (val acc 61.0%)"]
     assert "compact / arcface / cosine, 64 px, epoch 2" in texts(at)

@@ -144,19 +144,23 @@ def test_benchmark_smoke_writes_every_output(tmp_path, monkeypatch):
                     "train_images_per_s", "embed_images_per_s", "view2_eval_seconds"):
             assert key in r, key
         assert r["contaminated"] is False and 0 <= r["accuracy"] <= 1
+        pairs = r["all_pairs"]  # every pair of the DevTest people's images
+        n = pairs["n_images"]
+        assert pairs["n_same"] + pairs["n_different"] == n * (n - 1) // 2 > 0
     assert result["speed"]["crop_images_per_s"] > 0 and result["speed"]["peak_rss_mb"] > 0
     assert {"cpu", "threads"} <= set(result["machine"])
     table = (out / "benchmark.md").read_text()
     for name in ("README.md", "RECIPE.md"):
         doc = (docs / name).read_text()
         assert table in doc and "No benchmark has been recorded yet" not in doc
+    assert "**Low false-accept rates** (View 1 DevTest, every pair of the" in table
     # A second run reuses every finished step: nothing is trained or cropped again. Steps are
     # kept by these names (an older state.json's), whatever their command lines say.
     state = json.loads((out / "cache" / "state.json").read_text())
     assert {"download", "crop", "crop-speed", "profile", "view1-seed-train",
             "view1-seed-eval-0.05min", "view2-timing-seed", "view1-seed-identify",
             "view1-best-train", "view1-best-eval-0.05min", "view2-timing-best",
-            "view1-best-identify"} <= set(state)
+            "view1-best-identify", "view1-seed-all-pairs", "view1-best-all-pairs"} <= set(state)
     assert benchmark.main([str(a) for a in args]) == 0
     assert json.loads((out / "cache" / "state.json").read_text()) == state
 

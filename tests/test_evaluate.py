@@ -2,6 +2,7 @@
 on a tiny checkpoint, contamination, missing images and embed-once."""
 import csv
 import hashlib
+import itertools
 import json
 import pickle
 import tarfile
@@ -17,6 +18,7 @@ import dataset as ds
 import evaluate
 import metrics
 import model as m
+import operating_points as op
 import pairs as pr
 import training
 import trainer2
@@ -646,3 +648,84 @@ def test_identify_on_one_fold_of_a_csv(tiny, tmp_path, capsys):
     fold_people = {Path(p).parent.name for (a, b, _), k in zip(rows, range(len(rows)))
                    if k % 2 == 1 for p in (a, b)}
     assert results(tmp_path / "out")["people_in_pairs"] == len(fold_people)
+
+
+# ---------------------------------------------------------------- every pair (--all-pairs)
+
+def brute_force_pairs(net, images_by_person):
+    """Every pair of the images, each scored on its own: (same scores, different scores)."""
+    items = [(n, p) for n in sorted(images_by_person) for p in images_by_person[n]]
+    crops = [ds.load_image(p) for _, p in items]
+    same, diff = [], []
+    for i, j in itertools.combinations(range(len(items)), 2):
+        s = pair_score(net, crops[i], crops[j])
+        (same if items[i][0] == items[j][0] else diff).append(s)
+    return np.array(same), np.array(diff)
+
+
+def test_training_stores_far_thresholds_that_brute_force_gives(tiny):
+    root, ckpt = tiny
+    net, saved = m.load_checkpoint(ckpt)
+    people = ds.read_identities(root / "images")
+    rec = saved["operating_points"]
+    val = {n: people[n] for n in saved["val_people"]}
+    same, diff = brute_force_pairs(net, val)
+    assert (rec["n_same"], rec["n_different"]) == (len(same), len(diff))
+    assert rec["n_images"] == sum(map(len, val.values())) and rec["n_people"] == len(val)
+    top = np.sort(diff)[::-1]
+    for key, point in rec["points"].items():
+        assert point["threshold"] == pytest.approx(
+            op.far_threshold(top, len(diff), float(key)), abs=1e-5)
+        assert point["tar"] == pytest.approx(np.mean(same >= point["threshold"]))
+    acc = rec["accuracy"]
+    assert acc["threshold"] == saved["threshold"]
+    assert acc["far"] == pytest.approx(np.mean(diff >= saved["threshold"]))
+
+
+def test_all_pairs_matches_a_brute_force_computation(tiny, capsys):
+    root, ckpt = tiny
+    code, out, err = run(capsys, ckpt, "--pairs", root / "pairsDevTest.txt", "--all-pairs")
+    assert code == 0, err
+    folder = ckpt.parent / "eval-all-pairs-pairsDevTest"
+    assert (folder / "roc.png").stat().st_size > 0
+    r = json.loads((folder / "results.json").read_text())
+    net, saved = m.load_checkpoint(ckpt)
+    people = ds.read_identities(root / "images")
+    names = ds.pair_people(ds.parse_pairs(root / "pairsDevTest.txt"))
+    same, diff = brute_force_pairs(net, {n: people[n] for n in names})
+    (s,) = r["sets"]
+    assert (s["n_same"], s["n_different"], s["n_people"]) == (len(same), len(diff), len(names))
+    assert s["n_images"] == r["images"] == sum(len(people[n]) for n in names)
+    for key, point in saved["operating_points"]["points"].items():
+        v = s["at_validation_thresholds"][key]  # judged at the validation threshold
+        assert v["threshold"] == point["threshold"]
+        assert v["tar"] == pytest.approx(np.mean(same >= point["threshold"]))
+        assert v["far"] == pytest.approx(np.mean(diff >= point["threshold"]))
+    top = np.sort(diff)[::-1]
+    for key, v in s["at_test_thresholds"].items():  # BLUFR's: fitted on the test pairs
+        t = op.far_threshold(top, len(diff), float(key))
+        assert v["threshold"] == pytest.approx(t, abs=1e-5)
+        assert v["tar"] == pytest.approx(np.mean(same >= t))
+    assert f"{len(same):,} same-person and {len(diff):,} different-person pairs" in out
+
+
+def test_all_pairs_of_view2_scores_each_fold_apart(tiny, tmp_path, capsys):
+    root, ckpt = tiny
+    names = sorted(TEST)
+    folds = [([(a, 1, a, 2)], [(a, 1, b, 1)]) for a, b in zip(names[::2], names[1::2])]
+    pairs = tmp_path / "pairs.txt"
+    lines = [f"{len(folds)}\t1"]
+    for (matched, mismatched) in folds:
+        lines += [f"{a}\t{i}\t{j}" for a, i, _, j in matched]
+        lines += [f"{a}\t{i}\t{b}\t{j}" for a, i, b, j in mismatched]
+    pairs.write_text("\n".join(lines) + "\n")
+    code, out, err = run(capsys, ckpt, "--pairs", pairs, "--data", root / "images",
+                         "--all-pairs", "--out", tmp_path / "out")
+    assert code == 0, err
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [s["set"] for s in r["sets"]] == [f"fold {k}" for k in range(len(folds))]
+    for s, (a, b) in zip(r["sets"], zip(names[::2], names[1::2])):
+        n_a, n_b = TEST[a], TEST[b]  # each fold's two people, never paired across folds
+        assert s["n_same"] == n_a * (n_a - 1) // 2 + n_b * (n_b - 1) // 2
+        assert s["n_different"] == n_a * n_b
+    assert "mean over 4 sets" in out

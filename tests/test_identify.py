@@ -398,3 +398,24 @@ def test_evaluate_identify_refuses_a_file_without_folds_for_fold(setup, capsys, 
     code = evaluate.main([str(ckpt), "--identify", "--pairs", str(root / "pairsDevTest.txt"),
                           "--fold", "3", "--out", str(tmp_path)])
     assert code == 2 and "has no official fold 3" in capsys.readouterr().err
+
+
+def test_far_picks_the_stored_threshold_and_says_what_a_stranger_risks(setup, tmp_path,
+                                                                       capsys):
+    s = setup
+    gallery = make_gallery(tmp_path / "gallery", s)
+    point = torch.load(s["ckpt"], weights_only=True)["operating_points"]["points"]["0.001"]
+    code, out, _ = run(capsys, gallery, s["query"], "--checkpoint", s["ckpt"], "--far", "1e-3")
+    assert code == 0
+    assert f"(threshold {point['threshold']:.4f}, the checkpoint's threshold for FAR 0.001)" in out
+    assert "about 1 in 1,000 different-person pairs score at or above" in out
+    # Three photos with a face: a stranger meets three chances of FAR 1e-3.
+    chance = 1 - (1 - point["far"]) ** 3
+    assert f"with 3 gallery photos, a stranger's face matches someone at this threshold with a " \
+           f"chance of about {chance:.0%}" in out
+    code, out, _ = run(capsys, gallery, s["query"], "--checkpoint", s["ckpt"], "--far", "1e-3",
+                       "--json")
+    r = json.loads(out)[0]
+    assert (r["threshold"], r["threshold_source"]) == (point["threshold"], "--far")
+    code, _, err = run(capsys, gallery, s["query"], "--checkpoint", s["ckpt"], "--far", "2")
+    assert code == 2 and "between 0 and 1" in err and err.count("\n") == 1

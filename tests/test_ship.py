@@ -44,6 +44,27 @@ def test_the_shipped_file_is_half_precision_weights_that_load_safely(trained, tm
     assert torch.nn.functional.cosine_similarity(half, whole).min() > 0.9999
     text = (out.parent / "MODEL_CARD.md").read_text()
     assert f"{full['threshold']:.4f}" in text and "LFW only" in text and "Known limits" in text
+    # Its thresholds by false-accept rate travel with it, and the card says them.
+    assert ckpt["operating_points"] == full["operating_points"]
+    assert ckpt["val_people"] == full["val_people"] and ckpt["source"] == str(
+        trained / "run" / "best_accuracy.pt")
+    for key, point in full["operating_points"]["points"].items():
+        assert f"FAR {key}: {point['threshold']:.4f}" in text
+    # Re-shipping the shipped file keeps where it was made from.
+    again = tmp_path / "again" / "lfw-compact.pt"
+    assert ship_model.main([str(out), "--out", str(again)]) == 0
+    assert torch.load(again, weights_only=True)["source"] == ckpt["source"]
+    assert f"Made from `{ckpt['source']}`" in (again.parent / "MODEL_CARD.md").read_text()
+
+
+def test_a_checkpoint_without_far_thresholds_is_not_shipped(trained, tmp_path, capsys):
+    ckpt = torch.load(trained / "run" / "best_accuracy.pt", weights_only=True)
+    del ckpt["operating_points"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert ship_model.main([str(tmp_path / "old.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"python calibrate.py {tmp_path / 'old.pt'}" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_scripts_use_the_shipped_model_when_logs_hold_no_run(trained, tmp_path, monkeypatch,

@@ -15,7 +15,7 @@ import model as m
 import recipes
 import training
 import trainer2
-from conftest import tiny_args, write_people, write_view1_protocol
+from conftest import tiny_args, validation_data, write_people, write_view1_protocol
 from runtime import git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,13 +133,13 @@ def test_best_checkpoints_hold_the_weights_of_their_own_best_epoch(trained):
     cfg = json.loads((run_dir / "config.json").read_text())["config"]
     split = ds.make_split(cfg["data_dir"], cfg["protocol_dir"], cfg["split"], cfg["seed"],
                           cfg["val_fraction"], cfg["val_pairs"])
-    bank = ds.ImageBank({p for a, b, _ in split["val_pairs"] for p in (a, b)}, 32)
+    data = validation_data(split)
     for name, pick in (("accuracy", max), ("auc", max), ("loss", min)):
         values = [float(r[name]) for r in table]
         best_epoch = values.index(pick(values)) + 1  # the first epoch reaching the best value
         net, ckpt = m.load_checkpoint(run_dir / f"best_{name}.pt")
         assert ckpt["epoch"] == best_epoch, name
-        again = training.validate(net, cfg, split["val_pairs"], bank, torch.device("cpu"))
+        again = training.validate(net, cfg, data, torch.device("cpu"))
         assert again[name] == pytest.approx(values[best_epoch - 1], abs=1e-5), name
         assert ckpt["threshold"] == pytest.approx(float(table[best_epoch - 1]["threshold"]))
 

@@ -17,7 +17,7 @@ import losses
 import model as m
 import training
 import trainer2
-from conftest import tiny_args, write_people, write_view1_protocol
+from conftest import tiny_args, validation_data, write_people, write_view1_protocol
 
 TRAIN = {**{f"Train_Person_{k:02d}": 4 + k % 3 for k in range(16)}, "Single_Image": 1}
 TEST = {f"Test_Person_{k:02d}": 3 + k % 2 for k in range(8)}
@@ -96,11 +96,11 @@ def test_ema_checkpoints_hold_the_moving_average_and_validation_uses_it(lfw, mon
     cfg = best["config"]
     split = ds.make_split(cfg["data_dir"], cfg["protocol_dir"], cfg["split"], cfg["seed"],
                           cfg["val_fraction"], cfg["val_pairs"])
-    bank = ds.ImageBank({p for a, b, _ in split["val_pairs"] for p in (a, b)}, 32)
+    data = validation_data(split)
     net, _ = m.load_checkpoint(run_dir / "best_accuracy.pt")
-    ema_row = training.validate(net, cfg, split["val_pairs"], bank, torch.device("cpu"))
+    ema_row = training.validate(net, cfg, data, torch.device("cpu"))
     net.load_state_dict(raw)
-    raw_row = training.validate(net, cfg, split["val_pairs"], bank, torch.device("cpu"))
+    raw_row = training.validate(net, cfg, data, torch.device("cpu"))
     assert ema_row["loss"] == pytest.approx(float(table[0]["loss"]), rel=1e-5, abs=1e-7)
     assert raw_row["loss"] != pytest.approx(float(table[0]["loss"]), rel=1e-5, abs=1e-7)
 

@@ -147,3 +147,74 @@ def test_an_oversized_photo_is_refused_from_its_header(setup, tmp_path, capsys, 
     code, out, err = run(capsys, huge, setup["face"], "--checkpoint", setup["ckpt"])
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: {huge}: 144 megapixels is over the 50 megapixel limit")
+
+
+# ------------------------------------------------------------------ thresholds by FAR
+
+def test_far_picks_the_stored_threshold_and_says_what_it_means(setup, capsys):
+    s = setup
+    point = torch.load(s["ckpt"], weights_only=True)["operating_points"]["points"]["0.01"]
+    code, out, _ = run(capsys, s["face"], s["face"], "--checkpoint", s["ckpt"], "--far", "1e-2")
+    assert code == 0
+    assert f"threshold {point['threshold']:.4f} (the checkpoint's threshold for FAR 0.01;" in out
+    assert "about 1 in 100 different-person pairs score at or above" in out
+    code, out, _ = run(capsys, s["face"], s["face"], "--checkpoint", s["ckpt"], "--far", "0.01",
+                       "--json")
+    r = json.loads(out)
+    assert (r["threshold"], r["threshold_source"], r["far"]) == (point["threshold"], "--far", 0.01)
+    assert r["threshold_meaning"].startswith("on 3 validation people")
+    # --threshold wins over --far.
+    code, out, _ = run(capsys, s["face"], s["face"], "--checkpoint", s["ckpt"], "--far", "0.01",
+                       "--threshold", 1e9)
+    assert code == 1 and "(--threshold;" in out
+
+
+def older(saved, path, *keys):
+    saved = {k: v for k, v in saved.items() if k not in keys}
+    torch.save(saved, path)
+    return path
+
+
+def test_an_older_checkpoint_or_a_bad_rate_is_one_line(setup, capsys, tmp_path):
+    s = setup
+    old = older(torch.load(s["ckpt"], weights_only=True), tmp_path / "old.pt",
+                "operating_points")
+    code, out, err = run(capsys, s["face"], s["face"], "--checkpoint", old, "--far", "1e-3")
+    assert code == 2 and not out and err.count("\n") == 1
+    assert f"{old}: has no false-accept thresholds" in err and \
+        f"python calibrate.py {old}" in err
+    code, _, err = run(capsys, s["face"], s["face"], "--checkpoint", old)  # the default still works
+    assert code == 0
+    for rate, why in (("5", "between 0 and 1"), ("nan", "between 0 and 1"),
+                      ("0.05", "no threshold for FAR 0.05; it has 0.01, 0.001, 0.0001")):
+        code, out, err = run(capsys, s["face"], s["face"], "--checkpoint", s["ckpt"], "--far", rate)
+        assert code == 2 and why in err and err.count("\n") == 1, (rate, err)
+
+
+@pytest.mark.parametrize("drop", [("operating_points",), ("operating_points", "val_people")])
+def test_calibrate_gives_an_older_checkpoint_the_thresholds_training_records(setup, tmp_path,
+                                                                             drop):
+    import calibrate
+    saved = torch.load(setup["ckpt"], weights_only=True)
+    old = older(saved, tmp_path / "old.pt", *drop)  # without val_people: from its split
+    assert calibrate.main([str(old)]) == 0
+    now = torch.load(old, weights_only=True)
+    assert now["val_people"] == saved["val_people"]
+    want, got = saved["operating_points"], now["operating_points"]
+    assert (got["n_same"], got["n_different"]) == (want["n_same"], want["n_different"])
+    for key, point in want["points"].items():
+        assert got["points"][key]["threshold"] == pytest.approx(point["threshold"], abs=1e-5)
+    assert torch.equal(now["model"]["backbone.head.4.weight"],
+                       saved["model"]["backbone.head.4.weight"])  # nothing else changed
+
+
+def test_calibrate_refuses_a_checkpoint_whose_split_it_cannot_rebuild(setup, tmp_path, capsys):
+    import calibrate
+    saved = torch.load(setup["ckpt"], weights_only=True)
+    saved["train_people"] = saved["train_people"][1:]  # not what its split settings give
+    old = older(saved, tmp_path / "old.pt", "operating_points", "val_people")
+    before = old.read_bytes()
+    assert calibrate.main([str(old)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its validation people are unknown" in err
+    assert old.read_bytes() == before

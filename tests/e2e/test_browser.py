@@ -5,7 +5,8 @@ a third photo is and saves a second screenshot (the same name, ending _identify.
 
 The fixture net is untrained but deterministic (seed 0, as in tests/test_app.py): the astronaut
 and her mirror image score about -0.13, so at its threshold of -0.3 the verdict is "Same person"
-and no close call; a cropped, rescaled astronaut scores about -0.02 against her and -0.51
+and no close call, but at its (made-up) 1-in-10,000 threshold of -0.02 it is "Different
+people"; a cropped, rescaled astronaut scores about -0.02 against her and -0.51
 against the cameraman, so she is named.
 
 Skipped unless the browser and its driver are installed:
@@ -67,7 +68,10 @@ def write_checkpoint(logs):
     torch.save({"model": model.build_model(cfg).eval().state_dict(),
                 "model_config": model.ModelConfig.from_dict(cfg).to_dict(), "config": cfg,
                 "epoch": 1, "step": 1, "metrics": row, "threshold": THRESHOLD,
-                "crop": faces.crop_settings()}, run / "best_accuracy.pt")
+                "crop": faces.crop_settings(), "operating_points": {
+                    "points": {"0.0001": {"far": 1e-4, "threshold": -0.02, "tar": 0.1}},
+                    "n_people": 40, "n_same": 300, "n_different": 90_000}},
+               run / "best_accuracy.pt")
     # Curves whose two losses differ in scale and an honest evaluation older than a
     # contaminated one, as a real run has them, so the screenshot shows that part too.
     (run / "metrics.csv").write_text("epoch,train_loss,loss,accuracy,auc\n"
@@ -270,4 +274,34 @@ def test_enrol_two_people_and_identify_a_third_photo(server, browser, tmp_path):
     log = (tmp_path / "streamlit.log").read_text(errors="replace")
     assert "Traceback" not in log
     time.sleep(2)  # let the thumbnails finish drawing for the screenshot
+    assert browser.save_screenshot(str(shot)), f"could not write {shot}"
+
+
+def test_strictness_changes_a_close_pairs_verdict(server, browser, tmp_path):
+    from skimage.data import astronaut
+    face = astronaut()
+    paths = [write_jpeg(tmp_path / name, array)
+             for name, array in (("astronaut.jpg", face), ("mirror.jpg", face[:, ::-1].copy()))]
+    shot = screenshot_path(tmp_path, "_strictness")
+    wait_for = waiter(browser, shot, tmp_path)
+    browser.get(server)
+    wait_for("two upload boxes", lambda: len(file_inputs(browser)) == 2)
+    for i, path in enumerate(paths):
+        file_inputs(browser)[i].send_keys(str(path))
+        wait_for(f"the face of {path.name}", lambda: page_text(browser).count(
+            "Aligned face the model sees") == i + 1)
+
+    def verdict():
+        return next((e.text for e in browser.find_elements(
+            By.XPATH, "//*[starts-with(normalize-space(text()), 'Verdict:')]") if e.text), None)
+    assert wait_for("the verdict", verdict) == "Verdict: Same person"
+    wait_for("the strictness box", lambda: browser.find_element(
+        By.XPATH, "//div[@data-testid='stSelectbox'][.//label[contains(., 'Strictness')]]"
+                  "//div[@data-baseweb='select']")).click()
+    wait_for("the 1 in 10,000 option", lambda: browser.find_element(
+        By.XPATH, "//li[@role='option'][contains(., '1 in 10,000')]")).click()
+    assert wait_for("the stricter verdict", lambda: (lambda v: v if v and "Different" in v
+                                                      else None)(verdict())) == \
+        "Verdict: Different people"
+    assert "about 1 in 10,000 different-person pairs" in page_text(browser)
     assert browser.save_screenshot(str(shot)), f"could not write {shot}"
