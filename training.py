@@ -269,7 +269,7 @@ def build_model_and_optimizer(cfg, n_classes, device):
         model.compile(dynamic=False)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True) \
         if cfg["ema"] else None
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, net.backbone, cfg)
     optimizer = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"]) \
         if cfg["optimizer"] == "adam" else \
         torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True,
@@ -277,6 +277,33 @@ def build_model_and_optimizer(cfg, n_classes, device):
     scaler = torch.amp.GradScaler(device.type,
                                   enabled=cfg["mixed_precision"] and device.type == "cuda")
     return net, model, ema, optimizer, scaler
+
+
+def param_groups(model, backbone, cfg):
+    """The optimizer's parameter groups: what came from outside weights
+    (backbone.pretrained_parameters()) at pretrained_lr x lr, everything else (the new layers
+    and the loss's own parameters, ArcFace's centres) at lr. Frozen parameters are left out.
+    Each group keeps its multiplier as lr_scale, which the schedule keeps (set_lr);
+    the base-lr group comes first, so param_groups[0]['lr'] is the lr that the records show.
+    pretrained_lr=1: one group, as before there was a choice."""
+    scale = cfg["pretrained_lr"]
+    if scale < 0:
+        raise ValueError(f"pretrained_lr={scale} must be at least 0")
+    outside = {id(p) for p in backbone.pretrained_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    old = [p for p in trainable if id(p) in outside]
+    if scale == 1.0 or not old:
+        return [{"params": trainable, "lr": cfg["lr"], "lr_scale": 1.0}]
+    return [{"params": [p for p in trainable if id(p) not in outside], "lr": cfg["lr"],
+             "lr_scale": 1.0},
+            {"params": old, "lr": cfg["lr"] * scale, "lr_scale": scale}]
+
+
+def set_lr(optimizer, lr):
+    """The schedule's lr for this step: each group at lr x its own lr_scale (param_groups),
+    so that every group follows the schedule in proportion."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def pair_images(cfg, data, seed):
@@ -580,8 +607,8 @@ def train_one_epoch(run, budget, snapshots):
                                            float(budget.expired(state["step"]))], run.device)
         if out_of_time:
             return step_losses, seen, True
-        for g in run.optimizer.param_groups:
-            g["lr"] = cfg["lr"] * lr_factor(cfg, progress, state["step"], run.steps_per_epoch)
+        set_lr(run.optimizer, cfg["lr"] * lr_factor(cfg, progress, state["step"],
+                                                    run.steps_per_epoch))
         loss, images = train_step(run, batch)
         state["step"] += 1
         if run.main and snapshots and budget.minutes() >= snapshots[0]:
