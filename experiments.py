@@ -30,6 +30,9 @@ RECIPES = {
     "seed": {"trainer": "trainer.py", "train": [], "eval": [], "fold_share": 0.1},
     # trainer2.py's defaults, with flip test-time augmentation.
     "best": {"trainer": "trainer2.py", "train": [], "eval": ["--flip"], "fold_share": 0.2},
+    # trainer_pretrained.py's defaults: EfficientNet-Lite0 fine-tuned from ImageNet, with flip.
+    "pretrained": {"trainer": "trainer_pretrained.py", "train": [], "eval": ["--flip"],
+                   "fold_share": 0.2},
 }
 # What every recipe's run sets, so that its time budget ends it: no epoch count comes first, and
 # every recipe waits trainer2.py's patience for a better validation score (trainer.py's is

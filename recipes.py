@@ -98,13 +98,18 @@ def help_text(namespace):
 
 
 def markdown_table():
-    """RECIPE.md's table: each name, its value in trainer2.py and in trainer.py, its meaning."""
+    """RECIPE.md's table: each name, its value in trainer2.py, trainer_pretrained.py and
+    trainer.py, and its meaning."""
     import trainer
     import trainer2
+    import trainer_pretrained
     t2, t1 = defaults_of(vars(trainer2)), defaults_of(vars(trainer))
-    about = meanings(HERE / "trainer.py", HERE / "trainer2.py")
-    rows = ["| name | `trainer2.py` | `trainer.py` | meaning |", "| --- | --- | --- | --- |"]
-    rows += [f"| `{k}` | `{t2[k]!r}` | `{t1[k]!r}` | {about.get(k, '')} |" for k in t2]
+    tp = defaults_of(vars(trainer_pretrained))
+    about = meanings(HERE / "trainer.py", HERE / "trainer2.py", HERE / "trainer_pretrained.py")
+    rows = ["| name | `trainer2.py` | `trainer_pretrained.py` | `trainer.py` | meaning |",
+            "| --- | --- | --- | --- | --- |"]
+    rows += [f"| `{k}` | `{t2[k]!r}` | `{tp[k]!r}` | `{t1[k]!r}` | {about.get(k, '')} |"
+             for k in t2]
     return "\n".join(rows)
 
 

@@ -75,9 +75,11 @@ def test_every_benchmark_run_trains_with_the_settings_of_the_old_copies(
 
 
 def test_a_recipe_is_its_trainer_file_run_on_the_crops(tmp_path, monkeypatch):
-    """The `seed` recipe is trainer.py's defaults and `best` trainer2.py's: their commands set
-    only the data, the budget and the run's folder, never a copy of a hyperparameter."""
-    assert {r["trainer"] for r in experiments.RECIPES.values()} == {"trainer.py", "trainer2.py"}
+    """The `seed` recipe is trainer.py's defaults, `best` trainer2.py's and `pretrained`
+    trainer_pretrained.py's: their commands set only the data, the budget and the run's
+    folder, never a copy of a hyperparameter."""
+    assert {r["trainer"] for r in experiments.RECIPES.values()} == {
+        "trainer.py", "trainer2.py", "trainer_pretrained.py"}
     given = {"data_dir", "protocol_dir", "max_minutes", "epochs", "patience", "run_name",
              "snapshot_minutes", "split"}
     for recipe, spec in experiments.RECIPES.items():
@@ -130,7 +132,8 @@ def test_benchmark_smoke_writes_every_output(tmp_path, monkeypatch):
     out = tmp_path / "results"
     args = ["--lfw", lfw, "--protocol", "view1", "--minutes", "0.05", "--out", out,
             "--data-root", data, "--crops", tmp_path / "crops", "--logs", tmp_path / "logs",
-            "--docs", docs, "--train-args", "--val_pairs=20 --val_fraction=0.2 --threads=1 --batch_size=16 --pairs_per_epoch=64"]
+            "--docs", docs, "--profile-steps", "3", "--recipes", "seed,best",
+            "--train-args", "--val_pairs=20 --val_fraction=0.2 --threads=1 --batch_size=16 --pairs_per_epoch=64"]
     assert benchmark.main([str(a) for a in args]) == 0
     for name in ("benchmark.json", "benchmark.md", "accuracy_vs_minutes.png", "roc_view1.png"):
         assert (out / name).is_file(), name
@@ -154,6 +157,11 @@ def test_benchmark_smoke_writes_every_output(tmp_path, monkeypatch):
         doc = (docs / name).read_text()
         assert table in doc and "No benchmark has been recorded yet" not in doc
     assert "**Low false-accept rates** (View 1 DevTest, every pair of the" in table
+    # each recipe's training speed with its FLOP/s against the machine's peak, from the profile
+    profile = result["profile"]
+    assert set(profile["recipes"]) == {"seed", "best"}
+    assert set(profile["recipes"]["best"]["paths"]) == set(benchmark.PROFILES["best"])
+    assert table.count("of this machine's") == 2 and "GFLOP/s (" in table
     # A second run reuses every finished step: nothing is trained or cropped again. Steps are
     # kept by these names (an older state.json's), whatever their command lines say.
     state = json.loads((out / "cache" / "state.json").read_text())

@@ -3,8 +3,11 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 import trainer
 import trainer2
+import trainer_pretrained
 import recipes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,24 +22,28 @@ def test_recipe_table_is_made_from_the_code():
     assert table == recipes.markdown_table(), "RECIPE.md is stale: run python recipes.py"
 
 
-def test_the_table_has_every_name_with_both_trainers_values():
+def test_the_table_has_every_name_with_every_trainers_values():
     t2, t1 = recipes.defaults_of(vars(trainer2)), recipes.defaults_of(vars(trainer))
+    tp = recipes.defaults_of(vars(trainer_pretrained))
     rows = {}
     for line in recipes.markdown_table().splitlines()[2:]:
-        found = re.match(r"^\| `(\w+)` \| `(.+?)` \| `(.+?)` \| (.*) \|$", line)
-        rows[found.group(1)] = (ast.literal_eval(found.group(2)), ast.literal_eval(found.group(3)))
-        assert found.group(4), f"{found.group(1)} has no meaning"
-    assert set(rows) == set(t2) == set(t1)
-    assert all(rows[k] == (t2[k], t1[k]) for k in rows)
-    assert rows["lr"] == (0.1, 1e-4) and rows["arc_margin"] == (0.5, 0.5)
+        found = re.match(r"^\| `(\w+)` \| `(.+?)` \| `(.+?)` \| `(.+?)` \| (.*) \|$", line)
+        rows[found.group(1)] = tuple(ast.literal_eval(found.group(k)) for k in (2, 3, 4))
+        assert found.group(5), f"{found.group(1)} has no meaning"
+    assert set(rows) == set(t2) == set(t1) == set(tp)
+    assert all(rows[k] == (t2[k], tp[k], t1[k]) for k in rows)
+    assert rows["lr"] == (0.1, 0.05, 1e-4) and rows["arc_margin"] == (0.5, 0.5, 0.5)
+    assert rows["model"] == ("compact", "efficientnet_lite0", "koch")
 
 
-def test_trainer2_lists_only_what_differs_from_trainer():
-    """nanoGPT's override pattern: every assignment in trainer2.py changes trainer.py's value."""
-    base = recipes.defaults_of(vars(trainer))
-    tree = ast.parse((ROOT / "trainer2.py").read_text())
+@pytest.mark.parametrize("child, parent", [("trainer2.py", trainer), ("trainer_pretrained.py", trainer2)])
+def test_a_trainer_file_lists_only_what_differs_from_the_one_it_imports(child, parent):
+    """nanoGPT's override pattern: every assignment in a trainer file changes its parent's value."""
+    base = recipes.defaults_of(vars(parent))
+    tree = ast.parse((ROOT / child).read_text())
+    module = trainer2 if child == "trainer2.py" else trainer_pretrained
     names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
-    assert names and all(getattr(trainer2, n) != base[n] for n in names), names
+    assert names and all(getattr(module, n) != base[n] for n in names), names
 
 
 def test_readme_quick_start_and_ci_use_the_make_targets():
