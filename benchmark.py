@@ -1,16 +1,16 @@
 """Reproduce the results table: accuracy on the official LFW protocol under a fixed CPU
 training budget, and how fast each step runs.
 
-    python benchmark.py [--protocol view1|view2|all] [--minutes 30] [--recipes seed,best]
+    python benchmark.py [--protocol view1|view2|all] [--minutes 30] [--recipes seed,best,pretrained]
         [--out results] [--data-root dataset] [--lfw ARCHIVE_DIR] [--tables-only]
 
 It reads LFW from --data-root (default dataset/, as `make data` / download_data.py leave it:
 images/ and the protocol files); only with --lfw does it first extract the archive and the
 protocol files of that folder into --data-root. It only runs the project's own scripts
 (download_data.py, crop_dataset_to_faces.py, benchmark.py --profile, trainer.py for the
-`seed` recipe and trainer2.py for `best`, evaluate.py), each as a subprocess, and collects what
-they write (experiments.py, where each recipe is its trainer's defaults). Every
-finished step is remembered in OUT/cache/state.json, so a crashed benchmark picks up where it
+`seed` recipe, trainer2.py for `best`, trainer_pretrained.py for `pretrained`, evaluate.py),
+each as a subprocess, and collects what they write (experiments.py, where each recipe is its
+trainer's defaults). Every finished step is remembered in OUT/cache/state.json, so a crashed benchmark picks up where it
 stopped; crops are resumable anyway. Writes
 OUT/benchmark.json, OUT/benchmark.md (also copied into the marked sections of README.md and
 RECIPE.md), OUT/accuracy_vs_minutes.png, OUT/roc_view1.png. Every ± is the standard error of
@@ -37,9 +37,20 @@ from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_d
 from runtime import git_commit, write_atomic
 
 SNAPSHOT_SHARES = (1 / 6, 1 / 3, 2 / 3)  # 5, 10 and 20 minutes of a 30-minute budget
-# The training step of `best` by two paths, the same network and maths: the old one (per-image
-# augmentation, eager) against trainer2.py's defaults. Profiled alternately in one run.
-PATHS = {"old": ["--batch_augment=False", "--torch_compile=False"], "new": []}
+# What --profile times, per recipe: paths (overrides on the recipe) profiled alternately in one
+# run, so that drift on a shared machine hits them alike; the ratio is the last path's images/s
+# against the first's. A recipe not listed is profiled as it is, for its FLOP/s.
+PROFILES = {
+    # The same network and maths: per-image augmentation and eager against trainer2.py's defaults.
+    "best": {"old": ["--batch_augment=False", "--torch_compile=False"], "new": []},
+    # The first try (issue 23's probe): trainer2.py's defaults with EfficientNet-Lite0 in them;
+    # then trainer_pretrained.py's with one of its speed settings undone each; then its own.
+    "pretrained": {"probe": ["--channels_last=False", "--mixed_precision=True",
+                             "--torch_compile=True", "--freeze_stages=0"],
+                   "nothing frozen": ["--freeze_stages=0"], "NCHW": ["--channels_last=False"],
+                   "bf16": ["--mixed_precision=True"], "compiled": ["--torch_compile=True"],
+                   "recipe": []},
+}
 
 
 def parse_args(argv):
@@ -51,13 +62,14 @@ def parse_args(argv):
     p.add_argument("--minutes", type=float, default=30,
                    help="View 1 training budget per recipe; each View 2 fold trains for a "
                         "share of it (seed 10%%, best 20%%: 3 and 6 minutes of 30)")
-    p.add_argument("--recipes", default="seed,best", help=f"any of {', '.join(RECIPES)}")
+    p.add_argument("--recipes", default="seed,best,pretrained", help=f"any of {', '.join(RECIPES)}")
     p.add_argument("--out", default="results")
     add_step_arguments(p, "README.md and RECIPE.md")
     p.add_argument("--profile", action="store_true",
-                   help="time the parts of a `best` training step (DataLoader, augmentation, "
-                        "forward, backward, optimizer, validation) on the old and the new path, "
-                        "and the embedding throughput; writes OUT/profile.json, trains nothing")
+                   help="time the parts of each --recipes training step (DataLoader, "
+                        "augmentation, forward, backward, optimizer, validation) by the paths of "
+                        "PROFILES, count its FLOPs against this machine's matmul peak, and time "
+                        "embedding; writes OUT/profile.json, trains nothing")
     p.add_argument("--profile-steps", type=int, default=20, help="steps timed per path and round")
     p.add_argument("--tables-only", action="store_true",
                    help="run nothing: rewrite OUT/benchmark.md and the docs' tables from "
@@ -294,40 +306,38 @@ def identification_table(b):
 
 
 def speed_table(b):
-    s = b["speed"]
+    s, p = b["speed"], b.get("profile")
+    profiled = (p or {}).get("recipes", {})
     lines = ["**Speed** on this machine:", "",
              "| step | figure |", "| --- | --- |",
              f"| crop (MTCNN, batched) | {s['crop_images_per_s']:.1f} images/s |"]
     for name, r in b["view1"].items():
         flip = " (each image and its mirror)" if "--flip" in RECIPES[name]["eval"] else ""
-        lines += [f"| train `{name}` | {r['train_images_per_s']:.0f} images/s |",
+        use = ""
+        if name in profiled:  # the run's own images/s at the profile's FLOPs per image
+            gflops, share, dtype = utilisation(list(profiled[name]["paths"].values())[-1],
+                                               p["peak"], r["train_images_per_s"])
+            use = f", {gflops:.0f} GFLOP/s ({share:.0%} of this machine's {dtype} matmul peak)"
+        lines += [f"| train `{name}` | {r['train_images_per_s']:.0f} images/s{use} |",
                   f"| embed `{name}`{flip} | {r['embed_images_per_s']:.0f} images/s |",
                   f"| View 2 evaluation `{name}` ({r['view2_eval_images']:,} images, "
                   f"{r['view2_eval_pairs']:,} pairs) | "
                   f"{r['view2_eval_seconds']:.1f} s |"]
     lines.append(f"| peak memory (largest step) | {s['peak_rss_mb']:.0f} MB |")
-    return lines + [""] + profile_lines(b.get("profile"))
+    return lines + [""] + profile_lines(p)
 
 
 def profile_lines(p):
-    """The old and the new training path of `best`, profiled side by side in this run."""
+    """Each recipe's training step by the paths of PROFILES, profiled side by side in this run."""
     if not p:
         return []
-    old, new = p["paths"]["old"], p["paths"]["new"]
-    embed = p["embedding"]["images_per_s"]
-    lines = ["**Old path against new**, the same network and maths (`benchmark.py --profile`, "
-             f"median of {p['rounds']} alternated rounds of {new['steps']} steps):", "",
-             "| training step of `best` | old path (per-image augmentation, eager) | new path "
-             "(trainer2.py's defaults) | ratio |", "| --- | --- | --- | --- |",
-             f"| images/s | {old['images_per_s']:.0f} | {new['images_per_s']:.0f} | "
-             f"**{p['train_speed_ratio']:.2f}x** |"]
-    for part in old["ms_per_step"]:
-        lines.append(f"| {part} (ms per step) | {old['ms_per_step'][part]:.1f} | "
-                     f"{new['ms_per_step'][part]:.1f} | |")
-    if "compiled" in embed:
-        lines.append(f"| embedding, images/s (eager against compiled) | {embed['eager']:.0f} | "
-                     f"{embed['compiled']:.0f} | {embed['compiled'] / embed['eager']:.2f}x |")
-    return lines + [""]
+    if "recipes" not in p:  # an older benchmark.py's profile: its figures are not in this form
+        return ["(The profile of this benchmark.json is an older benchmark.py's: run the "
+                "profile step again for its table.)", ""]
+    steps = next(iter(p["recipes"].values()))["paths"]
+    return [f"**Training steps profiled** (`benchmark.py --profile`, {next(iter(steps.values()))['steps']} "
+            "steps per path and round; paths: PROFILES in benchmark.py):", "",
+            profile_table(p), ""]
 
 
 def plot(results, out):
@@ -398,13 +408,14 @@ def prepare_data(args, archive, protocols, state, state_path, cache):
     return float(re.search(r"\(([\d.]+) images/s\)", Path(crop_log).read_text()).group(1))
 
 
-def profile_step(args, state, state_path, cache):
-    """benchmark.py --profile as a step of this run: the old and the new training path side
-    by side, so that the speed table's ratio comes from the same run as the accuracies."""
+def profile_step(args, recipes, state, state_path, cache):
+    """benchmark.py --profile as a step of this run, so that the speed table's ratios and
+    FLOP/s come from the same run as the accuracies."""
     out = cache / "profile"
     run_step("profile", ["benchmark.py", "--profile", "--out", out, "--data-root", args.data_root,
                          "--crops", args.crops, f"--train-args={args.train_args}",
-                         "--profile-steps", args.profile_steps], state, state_path, cache)
+                         "--recipes", ",".join(recipes), "--profile-steps", args.profile_steps],
+             state, state_path, cache)
     return read_json(out / "profile.json")
 
 
@@ -441,40 +452,74 @@ def write_tables(results, out, docs):
     return text
 
 
-def profile_paths(args, rounds=3):
-    """Each PATH's step breakdown, its rounds alternated so that drift on a shared machine hits
-    both alike; the median round of each. Then embedding throughput, eager against compiled."""
-    import training
-    trainer = trainer_namespace(RECIPES["best"]["trainer"])
-    base = [f"--data_dir={args.crops}", f"--protocol_dir={args.data_root}",
-            *RECIPES["best"]["train"], *args.train_args.split()]
-    runs = {name: [] for name in PATHS}
-    for _ in range(rounds):
-        for name, extra in PATHS.items():
-            runs[name].append(training.profile(trainer, base + extra, steps=args.profile_steps))
-    median = {name: sorted(r, key=lambda x: x["images_per_s"])[len(r) // 2]
-              for name, r in runs.items()}
-    ratio = median["new"]["images_per_s"] / median["old"]["images_per_s"]
-    return {"paths": {name: {"overrides": PATHS[name], **median[name]} for name in PATHS},
-            "train_speed_ratio": ratio, "rounds": rounds,
-            "embedding": training.profile_embedding(trainer, base)}
+def profile_recipes(args, recipes, rounds=3):
+    """Each recipe's paths (PROFILES) in alternated rounds, the median round of each (one round
+    for a recipe with one path); this machine's matmul peak at the same threads; embedding
+    throughput of the first recipe."""
+    import profiling
+    out = {}
+    for recipe in recipes:
+        trainer = trainer_namespace(RECIPES[recipe]["trainer"])
+        base = profile_base(args, recipe)
+        paths = PROFILES.get(recipe, {"recipe": []})
+        runs = {name: [] for name in paths}
+        for _ in range(rounds if len(paths) > 1 else 1):
+            for name, extra in paths.items():
+                runs[name].append(profiling.profile(trainer, base + extra, steps=args.profile_steps))
+        median = {name: sorted(r, key=lambda x: x["images_per_s"])[len(r) // 2]
+                  for name, r in runs.items()}
+        first, last = median[next(iter(paths))], median[list(paths)[-1]]
+        out[recipe] = {"paths": {name: {"overrides": paths[name], **median[name]}
+                                 for name in paths},
+                       "ratio": last["images_per_s"] / first["images_per_s"] if len(paths) > 1
+                       else None, "rounds": len(runs[list(paths)[-1]])}
+    threads = last["threads"]
+    embedding = profiling.profile_embedding(trainer_namespace(RECIPES[recipes[0]]["trainer"]),
+                                            profile_base(args, recipes[0]))
+    return {"recipes": out, "peak": profiling.machine_peak(threads), "embedding": embedding,
+            "embedding_recipe": recipes[0]}
+
+
+def profile_base(args, recipe):
+    return [f"--data_dir={args.crops}", f"--protocol_dir={args.data_root}",
+            *RECIPES[recipe]["train"], *args.train_args.split()]
+
+
+def utilisation(path, peak, images_per_s=None):
+    """(achieved GFLOP/s, its share of the matmul peak of the step's dtype) at IMAGES_PER_S
+    (default: the profile's own)."""
+    gflops = path["gflop_per_image"] * (images_per_s or path["images_per_s"])
+    dtype = "bf16" if path["mixed_precision"] else "fp32"
+    return gflops, gflops / peak["gflops_per_s"][dtype], dtype
 
 
 def profile_table(p):
-    parts = list(p["paths"]["old"]["ms_per_step"])
-    lines = ["| part of a `best` step | " + " | ".join(f"{k} path (ms)" for k in p["paths"]) + " |",
-             "| --- " * (1 + len(p["paths"])) + "|"]
-    for part in parts:
-        lines.append(f"| {part} | " + " | ".join(f"{r['ms_per_step'][part]:.1f}"
-                                                 for r in p["paths"].values()) + " |")
-    lines += ["| whole step | " + " | ".join(f"{r['step_ms']:.1f}" for r in p["paths"].values()) + " |",
-              "| images/s | " + " | ".join(f"{r['images_per_s']:.0f}" for r in p["paths"].values()) + " |",
-              "| validation (s, once) | " + " | ".join(f"{r['validation_s']:.1f}"
-                                                      for r in p["paths"].values()) + " |", "",
-              f"Training speed ratio, new path against old: **{p['train_speed_ratio']:.2f}x** "
-              f"(median of {p['rounds']} alternated rounds). Embedding: "
-              + ", ".join(f"{k} {v:.0f} images/s" for k, v in p["embedding"]["images_per_s"].items())
-              + f" (compile took {p['embedding']['compile_s']:.0f} s)."]
+    """--profile's table: every recipe's paths, part by part, with FLOP/s against the peak."""
+    peak = p["peak"]["gflops_per_s"]
+    lines = [f"Matmul peak here ({p['peak']['n']}² at {p['peak']['threads']} threads): "
+             f"{peak['bf16']:.0f} GFLOP/s bf16, {peak['fp32']:.0f} fp32.", ""]
+    for recipe, r in p["recipes"].items():
+        paths = r["paths"]
+        lines += [f"| part of a `{recipe}` step | " + " | ".join(f"{k} (ms)" for k in paths) + " |",
+                  "| --- " * (1 + len(paths)) + "|"]
+        for part in next(iter(paths.values()))["ms_per_step"]:
+            lines.append(f"| {part} | " + " | ".join(f"{x['ms_per_step'][part]:.1f}"
+                                                     for x in paths.values()) + " |")
+        rows = [("whole step", lambda x: f"{x['step_ms']:.1f}"),
+                ("images/s", lambda x: f"{x['images_per_s']:.0f}"),
+                ("GFLOP per image (forward and backward)", lambda x: f"{x['gflop_per_image']:.3f}"),
+                ("achieved GFLOP/s (share of the dtype's peak)",
+                 lambda x: "{:.0f} ({:.0%} of {})".format(*utilisation(x, p["peak"]))),
+                ("validation (s, once)", lambda x: f"{x['validation_s']:.1f}")]
+        lines += [f"| {name} | " + " | ".join(f(x) for x in paths.values()) + " |"
+                  for name, f in rows]
+        if r["ratio"]:
+            lines.append(f"\nImages/s, {list(paths)[-1]} against {next(iter(paths))}: "
+                         f"**{r['ratio']:.2f}x** (median of {r['rounds']} alternated rounds).")
+        lines.append("")
+    lines.append(f"Embedding (`{p['embedding_recipe']}`): " + ", ".join(
+        f"{k} {v:.0f} images/s" for k, v in p["embedding"]["images_per_s"].items())
+        + f" (compile took {p['embedding']['compile_s']:.0f} s).")
     return "\n".join(lines)
 
 
@@ -496,7 +541,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     if args.profile:
-        result = profile_paths(args)
+        result = profile_recipes(args, check_recipes(args))
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "profile.json", json.dumps(result, indent=2))
         print(profile_table(result))
@@ -523,7 +568,7 @@ def main(argv=None):
     started, commit = time.time(), git_commit()  # the code that produced the numbers
 
     crop_speed = prepare_data(args, archive, protocols, state, state_path, cache)
-    profile = profile_step(args, state, state_path, cache) if "best" in recipes else None
+    profile = profile_step(args, recipes, state, state_path, cache)
     results = run_protocols(args, recipes, protocols, state, state_path, cache)
     results.update(describe(args, argv, recipes, protocols, state, commit))
     results.update({

@@ -409,6 +409,8 @@ def test_every_ablation_run_and_recipe_names_settings_the_trainer_has():
     args = ablations.parse_args([])
     for name in ablations.RUNS:  # load_config exits on an unknown name or a bad value
         experiments.trainer_config(ablations.train_command(args, name))
-    defaults = training.defaults_of(vars(trainer2))
-    for extra in benchmark.PATHS.values():
-        training.apply_overrides(defaults, extra)
+    for recipe, paths in benchmark.PROFILES.items():
+        defaults = training.defaults_of(experiments.trainer_namespace(
+            experiments.RECIPES[recipe]["trainer"]))
+        for extra in paths.values():
+            training.apply_overrides(defaults, extra)
