@@ -36,6 +36,10 @@ from experiments import (RECIPES, add_step_arguments, check_dataset, claim_run_d
 from runtime import git_commit, is_number, write_atomic
 
 MINUTES = 8  # per run: 15 runs fit one ~3-hour sitting on 2 CPU cores
+LONG = 3.75  # 30 minutes at --minutes 8: the benchmark's budget
+# The epochs scratch-30 trains in its budget on the machine the table was made on (RECIPE.md
+# gives each run's epochs): what pretrained-epochs trains for.
+SCRATCH_EPOCHS = 20
 
 # Every run: (what it changes: a recipe of benchmark.py or another run; the overrides it adds
 # to that one's; budget in multiples of --minutes). {photos} is the uncropped LFW photos
@@ -63,6 +67,25 @@ RUNS = {
     "resnext-relu": ("resnext", ["--activation=relu"], 1),
     "resnext-no-layer4": ("resnext", ["--drop_layer4=True"], 1),
     "resnext-dropout": ("resnext", ["--p=0.8"], 1),
+    # The same four claims on the ImageNet backbone that can be installed here: the pretrained
+    # track (trainer_pretrained.py) with the old project's head (1,024 sigmoid units).
+    "effnet": ("pretrained", ["--mlp_depth=1"], 1),
+    "effnet-head256": ("effnet", ["--head_hidden=256"], 1),
+    "effnet-relu": ("effnet", ["--activation=relu"], 1),
+    "effnet-no-last-stage": ("effnet", ["--drop_last_stage=True"], 1),
+    "effnet-dropout": ("effnet", ["--p=0.8"], 1),
+    # Does ImageNet pretraining help when LFW is the only face data? 30 minutes at --minutes 8,
+    # each arm twice (seed 1 also draws other validation people and another data order).
+    "pretrained-30": ("pretrained", [], LONG),
+    "pretrained-30-seed1": ("pretrained-30", ["--seed=1"], LONG),
+    "scratch-30": ("pretrained", ["--pretrained=False", "--freeze_stages=0"], LONG),
+    "scratch-30-seed1": ("scratch-30", ["--seed=1"], LONG),
+    # As many epochs as the scratch run gets in its 30 minutes (SCRATCH_EPOCHS), the schedule
+    # counted in epochs, not minutes: the weights' value apart from the frozen stages' speed.
+    "pretrained-epochs": ("pretrained", ["--max_minutes=0", f"--epochs={SCRATCH_EPOCHS}"], 1),
+    "pretrained-epochs-seed1": ("pretrained-epochs", ["--seed=1"], 1),
+    "best-30": ("best", [], LONG),
+    "best-30-seed1": ("best-30", ["--seed=1"], LONG),
 }
 
 # Every row: (id, the old claim in substance, base run, variant run, what the claim expects of
@@ -97,6 +120,26 @@ ROWS = [
      "resnext-no-layer4", "no effect"),
     ("15", "ResNeXt-50: 80% dropout raises test accuracy (82% -> 86%)", "resnext",
      "resnext-dropout", "better"),
+    ("12e", "ResNeXt-50's row 12, on EfficientNet-Lite0 from ImageNet: the head's size has no "
+     "effect", "effnet", "effnet-head256", "no effect"),
+    ("13e", "ResNeXt-50's row 13, on EfficientNet-Lite0 from ImageNet: a sigmoid head beats a "
+     "ReLU one", "effnet-relu", "effnet", "better"),
+    ("14e", "ResNeXt-50's row 14, on EfficientNet-Lite0 from ImageNet: removing the last stage "
+     "costs training accuracy, not test accuracy", "effnet", "effnet-no-last-stage", "no effect"),
+    ("15e", "ResNeXt-50's row 15, on EfficientNet-Lite0 from ImageNet: 80% dropout raises test "
+     "accuracy", "effnet", "effnet-dropout", "better"),
+    ("16a", "Fine-tuning ImageNet weights beats training from scratch (the old project's "
+     "premise; EfficientNet-Lite0, 30 minutes)", "scratch-30", "pretrained-30", "better"),
+    ("16b", "The same, a second run of each (seed 1)", "scratch-30-seed1", "pretrained-30-seed1",
+     "better"),
+    ("17a", "The same at an equal number of epochs (the pretrained run's frozen stages make it "
+     "faster)", "scratch-30", "pretrained-epochs", "better"),
+    ("17b", "The same, a second run of each (seed 1)", "scratch-30-seed1",
+     "pretrained-epochs-seed1", "better"),
+    ("18a", "(no claim) the pretrained track against compact's `best`, 30 minutes each",
+     "best-30", "pretrained-30", None),
+    ("18b", "The same, a second run of each (seed 1)", "best-30-seed1", "pretrained-30-seed1",
+     None),
 ]
 TRAIN_PAIRS = 1000  # pairs of each run's own training people: its training accuracy
 # The seed recipe's epoch (16,330 pairs, about 12 minutes) outlasts a run: 4,000-pair epochs
@@ -209,13 +252,20 @@ def run_one(args, name, state, state_path, cache):
              state_path, cache)
     r, t = read_json(test / "results.json"), read_json(train / "results.json")
     rows = metrics_rows(run_dir)
+    # The DevTest scores are kept beside the table (the cache is not): a later sitting compares
+    # against this run without training it again (recorded_runs).
+    kept = Path(args.out) / "scores" / name
+    kept.mkdir(parents=True, exist_ok=True)
+    write_atomic(kept / "scores.csv", (test / "scores.csv").read_text())
     return {"recipe": recipe, "overrides": overrides, "minutes": args.minutes * RUNS[name][2],
+            "commit": state[step]["commit"],
             "accuracy": r["kfold"]["mean"], "stderr": r["kfold"]["stderr"], "auc": r["auc"],
             "contaminated": r["contaminated"], "train_accuracy": t["kfold"]["mean"],
             # best_accuracy.pt is the evaluation with the highest validation accuracy
             "val_accuracy": max(float(x["accuracy"]) for x in rows),
             "last_val_accuracy": float(rows[-1]["accuracy"]), "epochs": int(rows[-1]["epoch"]),
-            "images_per_s": train_speed(run_dir), "scores": str(test)}
+            "trained_minutes": float(rows[-1]["minutes"]),
+            "images_per_s": train_speed(run_dir), "scores": str(kept)}
 
 
 def compare_row(row, runs):
@@ -234,12 +284,33 @@ def run_rows(args, rows, state, state_path, cache):
     wanted = list(dict.fromkeys(name for r in rows for name in r[2:4]))
     skip = not args.imagenet and not imagenet_weights_file().is_file()
     todo = [n for n in wanted if not (skip and needs_imagenet(n))]
-    runs = {}
+    runs, recorded = {}, recorded_runs(args, state)
     with tqdm(total=len(todo), desc="ablation runs", unit="run") as bar:
         for name in todo:
-            runs[name] = run_one(args, name, state, state_path, cache)
+            runs[name] = recorded.get(name) or run_one(args, name, state, state_path, cache)
             bar.update()
     return runs, [compare_row(r, runs) for r in rows]
+
+
+def recorded_runs(args, state):
+    """The runs of OUT/ablations.json that this cache has not trained, whose recipe, overrides
+    and budget are still what RUNS says, and whose DevTest scores were kept: an earlier
+    sitting's (its logs and cache may be gone), reused instead of trained again."""
+    path = Path(args.out) / "ablations.json"
+    if not path.is_file():
+        return {}
+    old = read_input_json(path, result_problem, "the results of python ablations.py",
+                          "move it away to start a new table")
+    out = {}
+    for name, run in old["runs"].items():
+        if name not in RUNS or f"{name}-train" in state:
+            continue
+        recipe, overrides = run_overrides(args, name)
+        same = (run.get("recipe"), run.get("overrides"), run.get("minutes")) == \
+            (recipe, overrides, args.minutes * RUNS[name][2])
+        if same and (Path(str(run.get("scores"))) / "scores.csv").is_file():
+            out[name] = run
+    return out
 
 
 def change(row):
@@ -247,36 +318,57 @@ def change(row):
     (base_recipe, base), (recipe, variant) = resolve(row["base"]), resolve(row["variant"])
     if base_recipe != recipe:
         return f"{recipe} recipe"
-    if RUNS[row["base"]][2] != RUNS[row["variant"]][2]:
-        return f"{RUNS[row['variant']][2]}x the budget"
     added = [o for o in variant if o not in base]
     removed = [o for o in base if o not in variant]
-    return ", ".join([f"`{o}`" for o in added] + [f"without `{o}`" for o in removed]) or "none"
+    parts = [f"`{o}`" for o in added] + [f"without `{o}`" for o in removed]
+    # --max_minutes=0 trains for its epochs, whatever its budget multiple says
+    if RUNS[row["base"]][2] != RUNS[row["variant"]][2] and "--max_minutes=0" not in variant:
+        parts.insert(0, f"{RUNS[row['variant']][2]:g}x the budget")
+    return ", ".join(parts) or "none"
+
+
+def trained(run):
+    """A run's epochs and minutes of training, as its metrics.csv ended (older results: '?')."""
+    if "trained_minutes" not in run:
+        return "?"
+    return f"{run['epochs']} ({run['trained_minutes']:.0f})"
 
 
 def pct(value):
     return "-" if value is None else f"{value:.1%}"
 
 
+def sittings(result):
+    """Which invocation made which rows: an older ablations.json made all of its rows in one."""
+    return result.get("sittings") or [
+        {key: result[key] for key in ("command", "git_commit", "machine", "minutes")}
+        | {"rows": [r["id"] for r in result["rows"]]}]
+
+
+def made_by(result):
+    return "; ".join(f"rows {', '.join(s['rows'])} by `{s['command']}` at commit "
+                     f"`{s['git_commit'][:10]}` on {s['machine']}, {s['minutes']:g} minutes of "
+                     "training per run" for s in sittings(result))
+
+
 def table(result):
     """The markdown table: no hand-typed numbers."""
     runs = result["runs"]
-    lines = [f"Made by `{result['command']}` at commit `{result['git_commit'][:10]}` on "
-             f"{result['machine']}: {result['minutes']:g} minutes of training per run on the "
-             "View 1 DevTrain people (row 1: longer), the checkpoint chosen on validation "
+    lines = [f"Made by `ablations.py`: {made_by(result)}. Each run trains on the "
+             "View 1 DevTrain people (rows 1 and 16-18: longer), the checkpoint chosen on validation "
              "pairs of held-out training people, tested on the 1,000 DevTest pairs. "
              "*difference*: the variant's DevTest accuracy minus the base's, with its paired "
              "bootstrap 95% interval; an interval that straddles 0 is inconclusive. "
              "*train / val*: accuracy on 1,000 pairs of the run's own training people and on "
-             "the validation pairs, base → variant.", "",
-             "| row | claim | variant (against base) | DevTest accuracy, base → variant | "
-             "AUC | train / val | difference [95% interval] | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "the validation pairs, base → variant. *epochs (minutes)*: how long each trained.",
+             "", "| row | claim | variant (against base) | DevTest accuracy, base → variant | "
+             "AUC | train / val | epochs (minutes) | difference [95% interval] | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         b, v = runs.get(row["base"]), runs.get(row["variant"])
         what = f"{change(row)} (`{row['variant']}` against `{row['base']}`)"
         if b is None or v is None:
-            lines.append(f"| {row['id']} | {row['claim']} | {what} | not run | | | | "
+            lines.append(f"| {row['id']} | {row['claim']} | {what} | not run | | | | | "
                          f"**{row['verdict']}** |")
             continue
         lines.append(
@@ -284,7 +376,7 @@ def table(result):
             f"{pct(v['accuracy'])} | {b['auc']:.3f} → {v['auc']:.3f} | "
             f"{pct(b['train_accuracy'])} / {pct(b['val_accuracy'])} → "
             f"{pct(v['train_accuracy'])} / {pct(v['val_accuracy'])} | "
-            f"{row['difference']:+.1%} [{row['low']:+.1%}, {row['high']:+.1%}] | "
+            f"{trained(b)} → {trained(v)} | {row['difference']:+.1%} [{row['low']:+.1%}, {row['high']:+.1%}] | "
             f"**{row['verdict']}** |")
     return "\n".join(lines) + "\n"
 
@@ -336,6 +428,24 @@ def result_problem(result):
     return None
 
 
+def merged(out, result):
+    """RESULT with the rows of OUT's earlier ablations.json that this invocation did not run,
+    and their runs: `--rows` adds to the table instead of replacing it."""
+    path = out / "ablations.json"
+    if not path.is_file():
+        return result
+    old = read_input_json(path, result_problem, "the results of python ablations.py",
+                          "move it away to start a new table")
+    mine, order = {r["id"] for r in result["rows"]}, {r[0]: k for k, r in enumerate(ROWS)}
+    kept = [r for r in old["rows"] if r["id"] not in mine and r["id"] in order]
+    used = {name for r in kept for name in (r["base"], r["variant"])}
+    earlier = [{**s, "rows": [i for i in s["rows"] if i not in mine]} for s in sittings(old)]
+    now = {key: result[key] for key in ("command", "git_commit", "machine", "minutes")}
+    return {**result, "rows": sorted(kept + result["rows"], key=lambda r: order[r["id"]]),
+            "runs": {**{n: r for n, r in old["runs"].items() if n in used}, **result["runs"]},
+            "sittings": [s for s in earlier if s["rows"]] + [{**now, "rows": sorted(mine, key=order.get)}]}
+
+
 def write_outputs(result, out, docs):
     text = table(result)
     write_atomic(out / "ablations.md", text)
@@ -372,6 +482,7 @@ def main(argv=None):
               "step_commits": sorted({s["commit"] for s in state.values()}),
               "recipes": RECIPES,
               "wall_seconds_this_invocation": time.time() - started}
+    result = merged(out, result)
     write_atomic(out / "ablations.json", json.dumps(result, indent=2))
     print(write_outputs(result, out, args.docs))
     print(f"wrote {out}/ablations.json, ablations.md and ablations.png")

@@ -35,6 +35,24 @@ OLD_RUNS = {
     "resnext-relu": {**RESNEXT, "activation": "relu"},
     "resnext-no-layer4": {**RESNEXT, "drop_layer4": True}, "resnext-dropout": {**RESNEXT, "p": 0.8},
 }
+# The pretrained track's runs: trainer_pretrained.py's settings, written out.
+PRETRAINED = {**BEST_RUN, "model": "efficientnet_lite0", "pretrained": True, "lr": 0.05,
+              "freeze_stages": 2, "channels_last": True,
+              "mixed_precision": False, "torch_compile": False}
+EFFNET = {**PRETRAINED, "mlp_depth": 1}
+LONG_RUN = {"max_minutes": 30.0}
+SCRATCH = {**PRETRAINED, **LONG_RUN, "pretrained": False, "freeze_stages": 0}
+EPOCHS = {**PRETRAINED, "max_minutes": 0.0, "epochs": ablations.SCRATCH_EPOCHS}
+NEW_RUNS = {
+    "effnet": EFFNET, "effnet-head256": {**EFFNET, "head_hidden": 256},
+    "effnet-relu": {**EFFNET, "activation": "relu"},
+    "effnet-no-last-stage": {**EFFNET, "drop_last_stage": True}, "effnet-dropout": {**EFFNET, "p": 0.8},
+    "pretrained-30": {**PRETRAINED, **LONG_RUN},
+    "pretrained-30-seed1": {**PRETRAINED, **LONG_RUN, "seed": 1},
+    "scratch-30": SCRATCH, "scratch-30-seed1": {**SCRATCH, "seed": 1},
+    "pretrained-epochs": EPOCHS, "pretrained-epochs-seed1": {**EPOCHS, "seed": 1},
+    "best-30": {**BEST_RUN, **LONG_RUN}, "best-30-seed1": {**BEST_RUN, **LONG_RUN, "seed": 1},
+}
 
 
 @pytest.mark.parametrize("expect, low, high, verdict", [
@@ -68,13 +86,23 @@ def test_every_row_names_known_runs_and_an_expectation():
         assert ("--model=resnext" in ablations.resolve(name)[1]) == ablations.needs_imagenet(name)
     assert ablations.change({"base": "seed", "variant": "seed-lr1e-3"}) == "`--lr=1e-3`"
     assert ablations.change({"base": "seed", "variant": "seed-long"}) == "3x the budget"
+    # an epoch-counted run's budget multiple means nothing; its overrides say what it changes
+    assert ablations.change({"base": "scratch-30", "variant": "pretrained-epochs"}) == (
+        f"`--max_minutes=0`, `--epochs={ablations.SCRATCH_EPOCHS}`, without "
+        "`--pretrained=False`, without `--freeze_stages=0`")
+    assert ablations.change({"base": "best-30", "variant": "pretrained-30"}) == "pretrained recipe"
+    # the analogue rows say what they are analogues of, on what
+    for rid in ("12e", "13e", "14e", "15e"):
+        row = next(r for r in ablations.ROWS if r[0] == rid)
+        assert "EfficientNet-Lite0" in row[1] and f"row {rid[:-1]}" in row[1]
+        assert all(name.startswith("effnet") for name in row[2:4])
 
 
 def test_every_ablation_run_trains_with_the_settings_of_the_old_copies(tmp_path):
     args = ablations.parse_args(["--data-root", "data", "--crops", "crops", "--logs",
                                  str(tmp_path)])
-    assert set(ablations.RUNS) == set(OLD_RUNS)
-    for name, expected in OLD_RUNS.items():
+    assert set(ablations.RUNS) == set(OLD_RUNS) | set(NEW_RUNS)
+    for name, expected in {**OLD_RUNS, **NEW_RUNS}.items():
         run_name = str((tmp_path / f"ablation-{name}").resolve())
         assert_trains_as_before(ablations.train_command(args, name),
                                 {**expected, "run_name": run_name, "snapshot_minutes": ""})
@@ -153,3 +181,44 @@ def test_unknown_rows_and_missing_data_are_clear_errors(tmp_path):
         ablations.main(["--rows", "1,99", "--data-root", str(tmp_path)])
     with pytest.raises(SystemExit, match="make it with `make data`"):
         ablations.main(["--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+
+
+def test_the_analogue_rows_run_on_the_synthetic_lfw_and_add_to_an_earlier_table(tmp_path):
+    """Rows 12e and 13e (pretrained EfficientNet-Lite0) after row 10: the earlier row, its runs
+    and its sitting stay in the table."""
+    small_lfw(tmp_path / "lfw")
+    out = tmp_path / "results"
+    common = ["--minutes", "0.02", "--out", out, "--data-root", tmp_path / "lfw", "--crops",
+              tmp_path / "lfw" / "images", "--logs", tmp_path / "logs", "--docs", "",
+              "--train-args", "--val_pairs=20 --val_fraction=0.25 --threads=1 --batch_size=16 "
+              "--pairs_per_epoch=64 --torch_compile=False --embedding_dim=32 --image_size=64 "
+              "--head_hidden=64"]
+    assert ablations.main([str(a) for a in ["--rows", "10", *common]]) == 0
+    first = json.loads((out / "ablations.json").read_text())
+    assert ablations.main([str(a) for a in ["--rows", "13e,12e", *common]]) == 0
+    result = json.loads((out / "ablations.json").read_text())
+    assert [r["id"] for r in result["rows"]] == ["10", "12e", "13e"]
+    assert result["rows"][0] == first["rows"][0]
+    assert set(result["runs"]) == {"best", "best-l1", "effnet", "effnet-head256", "effnet-relu"}
+    assert result["runs"]["best"] == first["runs"]["best"]
+    for name in ("effnet", "effnet-head256", "effnet-relu"):
+        run = result["runs"][name]
+        assert 0 <= run["accuracy"] <= 1 and run["epochs"] >= 1 and run["trained_minutes"] > 0
+    cfg = json.loads((tmp_path / "logs" / "ablation-effnet-relu" / "config.json").read_text())
+    assert (cfg["config"]["model"], cfg["config"]["activation"], cfg["config"]["mlp_depth"],
+            cfg["config"]["pretrained"]) == ("efficientnet_lite0", "relu", 1, True)
+    assert [s["rows"] for s in result["sittings"]] == [["10"], ["12e", "13e"]]
+    table = (out / "ablations.md").read_text()
+    assert table.count("by `python ablations.py") == 2 and "| 12e | ResNeXt-50's row 12, on EfficientNet" in table
+    for row in result["rows"][1:]:
+        assert row["low"] <= row["difference"] <= row["high"]
+
+    # A later sitting, its cache and logs gone: row 14e reuses the recorded `effnet` run from
+    # its kept DevTest scores and trains only the variant.
+    shutil.rmtree(out / "cache")
+    shutil.rmtree(tmp_path / "logs")
+    assert ablations.main([str(a) for a in ["--rows", "14e", *common]]) == 0
+    later = json.loads((out / "ablations.json").read_text())
+    assert later["runs"]["effnet"] == result["runs"]["effnet"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["ablation-effnet-no-last-stage"]
+    assert [r["id"] for r in later["rows"]] == ["10", "12e", "13e", "14e"]
