@@ -187,10 +187,36 @@ def score_pairs(net, pairs, images_of, batch_size=256, device="cpu", flip=False,
                                           "score": time.perf_counter() - t2}}
 
 
+class EnsembleBackbone(nn.Module):
+    """Trained backbones as one (ensemble.py): each member's embedding in its own precision,
+    L2-normalised, the k concatenated and scaled by 1/sqrt(k), so that the cosine of two
+    ensemble embeddings is the mean of the members' cosines."""
+
+    def __init__(self, members, precision):
+        super().__init__()
+        self.members, self.precision = nn.ModuleList(members), list(precision)
+        self.out_dim = sum(member.out_dim for member in members)
+
+    def forward(self, x):
+        from runtime import autocast
+        parts = []
+        for member, amp in zip(self.members, self.precision):
+            with autocast(amp, x.device):
+                parts.append(F.normalize(member(x).float(), dim=1))
+        return torch.cat(parts, dim=1) / len(parts) ** 0.5
+
+    def pretrained_parameters(self):
+        return []
+
+
 def build_model(cfg, pretrained=False):
     """A SiameseNet from a ModelConfig (or a dict with its keys): the backbone from its
     registry entry, the pair head the loss declares. pretrained: start the backbone from
-    its outside weights (training only; a checkpoint brings its own weights)."""
+    its outside weights (training only; a checkpoint brings its own weights). An ensemble's
+    model_config (ensemble.py) lists its members' configs under "members"."""
+    if isinstance(cfg, dict) and cfg.get("model") == "ensemble":
+        members = [build_model(c).backbone for c in cfg["members"]]
+        return SiameseNet(EnsembleBackbone(members, cfg["member_precision"]), None, "cosine")
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
     backbone = backbones.BACKBONES[cfg.model].build(cfg, pretrained)
     head = losses.LOSSES[cfg.loss].pair_head(backbone.out_dim, cfg.distance)

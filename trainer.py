@@ -44,6 +44,8 @@ epochs = 30                    # passes over the training data (max_minutes may 
 batch_size = 64                # images (or pairs) per step, over all processes
 lr_scheduler_on = True         # False: a constant lr after the warm-up
 cos = True                     # cosine schedule to zero; False: step schedule (gamma, step_size)
+lr_cycles = 1                  # cosine only: >1 restarts it, that many cycles over the run; a
+                               # snapshot at each cycle's end makes a snapshot ensemble (ensemble.py)
 gamma = 0.1                    # step schedule: lr factor every step_size epochs
 step_size = 10                 # step schedule: epochs between lr drops
 warmup_epochs = 1              # linear warm-up
@@ -57,6 +59,8 @@ max_minutes = 30.0             # wall-clock training budget (0: none); ends with
                                # epoch it cuts short counts, and --resume starts the next one
 snapshot_minutes = ""          # e.g. "5,10,20": also save snapshot_<m>min.pt at those minutes
 seed = 0                       # people split, pairs, initialisation and data order
+member_seed = 0                # >0: another initialisation and data order on the same people
+                               # split (the members of an ensemble, ensemble.py)
 device = "auto"                # auto, cpu, cuda
 threads = 0                    # CPU threads (0: the free cores)
 run_name = ""                  # logs/<run_name>/ (empty: model-loss-date)

@@ -37,7 +37,7 @@ import operating_points as op
 import pairs
 from backbones import PretrainedWeightsMissing
 from recipes import defaults_of, help_text
-from model import (CheckpointError, ModelConfig, build_model, embed_images, read_torch_file,
+from model import (CheckpointError, ModelConfig, build_model, read_torch_file,
                    score_pairs)
 from runtime import (autocast, free_cores, git_commit, pick_device, seed_everything,
                      set_threads, write_atomic)
@@ -103,11 +103,13 @@ def check_config(cfg):
         if cfg[key] not in allowed:
             raise SystemExit(f"error: {key}={cfg[key]!r} is not one of {', '.join(allowed)}")
     for key in ("batch_size", "epochs", "calc_metrics_interval", "patience", "val_pairs",
-                "per_person"):
+                "per_person", "lr_cycles"):
         if cfg[key] < 1:
             raise SystemExit(f"error: {key}={cfg[key]} must be at least 1")
     if cfg["max_minutes"] < 0 or cfg["num_workers"] < 0 or cfg["ema"] < 0 or cfg["ema"] >= 1:
         raise SystemExit("error: max_minutes and num_workers must be >= 0, ema in [0, 1)")
+    if cfg["member_seed"] < 0:
+        raise SystemExit(f"error: member_seed={cfg['member_seed']} must be at least 0")
 
 
 def load_config(namespace, argv):
@@ -179,8 +181,10 @@ def lr_factor(cfg, progress, step, steps_per_epoch):
         if cfg["warmup_epochs"] else 1.0
     if not cfg["lr_scheduler_on"]:
         return warm
-    if cfg["cos"]:
-        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg["cos"]:  # lr_cycles > 1: warm restarts, each cycle ending at zero
+        cycle = min(1.0, progress) * cfg["lr_cycles"]
+        within = 1.0 if cycle >= cfg["lr_cycles"] else cycle - math.floor(cycle)
+        return warm * 0.5 * (1 + math.cos(math.pi * within))
     return warm * cfg["gamma"] ** (step // steps_per_epoch // cfg["step_size"])
 
 
@@ -329,10 +333,16 @@ def people_loader(cfg, data, seed, rank, world, common):
     return DataLoader(images, batch_sampler=blocks, **common)
 
 
+def order_seed(cfg):
+    """The seed of initialisation and data order: seed's own, unless member_seed asks for
+    another on the same people split (member_seed=0 draws exactly what seed alone did)."""
+    return cfg["seed"] + 1_000_003 * cfg["member_seed"]
+
+
 def epoch_loader(cfg, data, epoch, rank, world):
     """This epoch's data, re-drawn from the seed, of the kind the loss declares
     (losses.BATCHES): random pairs, P x K people batches, or every image with its identity."""
-    seed, kind = cfg["seed"] * 1000 + epoch, losses.LOSSES[cfg["loss"]].batches
+    seed, kind = order_seed(cfg) * 1000 + epoch, losses.LOSSES[cfg["loss"]].batches
     common = dict(num_workers=cfg["num_workers"], persistent_workers=False,
                   generator=torch.Generator().manual_seed(seed))
     if kind == "people":
@@ -340,7 +350,7 @@ def epoch_loader(cfg, data, epoch, rank, world):
     images = pair_images(cfg, data, seed) if kind == "pairs" else \
         labelled_images(data, [p for n in sorted(data.people) for p in data.people[n]])
     sampler = DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg["seed"], drop_last=True)
+                                 seed=order_seed(cfg), drop_last=True)
     sampler.set_epoch(epoch)
     return DataLoader(images, batch_size=cfg["batch_size"] // world, sampler=sampler,
                       drop_last=True, **common)
@@ -524,7 +534,7 @@ def restore(run, last):
                               "with, or start a new run") from None
     run.saved_epoch = run.state["epoch"]
     if run.world > 1:  # only rank 0's RNG was saved; give every rank its own stream again
-        seed_everything(run.cfg["seed"] + run.rank + 7919 * run.state["epoch"])
+        seed_everything(order_seed(run.cfg) + run.rank + 7919 * run.state["epoch"])
 
 
 def reconcile_records(run):
@@ -543,7 +553,7 @@ def open_run(cfg):
     rank, world, device = setup_distributed(cfg["device"])
     # Threads: as asked, else the free cores shared out between the local processes.
     threads = set_threads(cfg["threads"] or max(1, free_cores() // world))
-    seed_everything(cfg["seed"] + rank)
+    seed_everything(order_seed(cfg) + rank)
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, main=rank == 0,
                           run_dir=run_folder(cfg), threads=threads, commit=git_commit(),
                           saved_epoch=0, writer=None,
@@ -758,84 +768,3 @@ def print_finish(run):
     print(f"finished ({why}) after {state['epoch']} epochs, {state['minutes']:.1f} min. "
           f"Best validation: " + ", ".join(f"{k} {v:.4f}" for k, v in state["best"].items())
           + f". Checkpoints in {run.run_dir}/")
-
-
-# ------------------------------------------------------------------ profile
-
-def profile(namespace, argv, steps=20, warmup=3):
-    """Time the parts of a training step of the trainer's recipe (its defaults, then argv):
-    the DataLoader with its per-image transforms, the batch augmentation, forward, backward,
-    the optimizer step, and one validation. Returns milliseconds per step for each part and
-    the images per second of the whole step. Nothing is written."""
-    cfg = {**load_config(namespace, argv), "resume": ""}
-    device = pick_device(cfg["device"])
-    threads = set_threads(cfg["threads"] or None)
-    seed_everything(cfg["seed"])
-    data = build_data(cfg)
-    run = SimpleNamespace(cfg=cfg, device=device)
-    run.net, run.ddp, run.ema, run.optimizer, run.scaler = \
-        build_model_and_optimizer(cfg, len(data.labels), device)
-    run.ddp.train()
-    net, parts = run.net, dict.fromkeys(("data", "augment", "forward", "backward", "optimizer"), 0.0)
-
-    def clock():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    loader, done, images = iter(epoch_loader(cfg, data, 0, 0, 1)), 0, 0
-    started, warmup_s = clock(), 0.0
-    while done < warmup + steps:
-        if done == warmup and not warmup_s:  # the first steps compile, when torch_compile is on
-            warmup_s = clock() - started
-        t0 = clock()
-        batch = next(loader, None)
-        if batch is None:
-            loader = iter(epoch_loader(cfg, data, done, 0, 1))
-            continue
-        fetch_ms, times = (clock() - t0) * 1000, {}
-        _, n = train_step(run, batch, times)
-        if done >= warmup:  # the DataLoader's fetch counts as data, with the copy to the device
-            times["data"] += fetch_ms
-            for key in parts:
-                parts[key] += times[key] / steps
-            images += n
-        done += 1
-    t0 = clock()
-    validate(net, cfg, data, device)
-    step_ms = sum(parts.values())
-    return {"ms_per_step": parts, "step_ms": step_ms, "images_per_s": images / steps / step_ms * 1000,
-            "validation_s": clock() - t0, "val_pairs": len(data.val_pairs),
-            "warmup_s": warmup_s, "warmup_steps": warmup,
-            "batch_size": cfg["batch_size"], "threads": threads, "device": str(device),
-            "steps": steps}
-
-
-def profile_embedding(namespace, argv, n_images=2048):
-    """Embedding throughput of the trainer's network on validation images, eager against
-    torch.compile (its compile time counted apart; eager only with torch_compile off), in the
-    run's mixed precision."""
-    cfg = load_config(namespace, argv)
-    device = pick_device(cfg["device"])
-    set_threads(cfg["threads"] or None)
-    data = build_data({**cfg, "cache_images": False})
-    paths = sorted({p for a, b, _ in data.val_pairs for p in (a, b)})[:n_images]
-    images = torch.stack([data.bank[p] for p in paths])
-    net = build_model(ModelConfig.from_dict(cfg)).to(device).eval()
-    out, compile_s = {}, 0.0
-    for name in ("eager", "compiled") if cfg["torch_compile"] else ("eager",):
-        if name == "compiled":
-            t0 = time.perf_counter()
-            net.backbone.compile(dynamic=False)
-            with autocast(cfg["mixed_precision"], device):  # the first calls compile
-                embed_images(net, images[:cfg["batch_size"]], ds.eval_transform(),
-                             cfg["batch_size"], device)
-                if len(images) % cfg["batch_size"]:
-                    embed_images(net, images[:len(images) % cfg["batch_size"]],
-                                 ds.eval_transform(), cfg["batch_size"], device)
-            compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with autocast(cfg["mixed_precision"], device):
-            embed_images(net, images, ds.eval_transform(), cfg["batch_size"], device)
-        out[name] = len(images) / (time.perf_counter() - t0)
-    return {"images_per_s": out, "compile_s": compile_s, "images": len(images)}

@@ -71,7 +71,7 @@ def test_bad_choice_is_rejected():
 
 def test_lr_schedules():
     cfg = {"warmup_epochs": 0, "lr_scheduler_on": True, "cos": True, "gamma": 0.1,
-           "step_size": 2}
+           "step_size": 2, "lr_cycles": 1}
     assert training.lr_factor(cfg, 0.0, 0, 10) == 1.0
     assert training.lr_factor(cfg, 0.5, 50, 10) == pytest.approx(0.5)
     assert training.lr_factor(cfg, 1.0, 99, 10) == pytest.approx(0.0)
@@ -82,6 +82,11 @@ def test_lr_schedules():
     assert training.lr_factor(warm, 0.0, 0, 10) == pytest.approx(0.1)
     assert training.lr_factor(warm, 0.0, 9, 10) == pytest.approx(1.0)
     assert training.lr_factor({**cfg, "lr_scheduler_on": False}, 0.9, 90, 10) == 1.0
+    # three warm restarts: each third of the run is a whole cosine, ending at zero
+    cycles = {**cfg, "lr_cycles": 3}
+    assert [training.lr_factor(cycles, p, 0, 10) for p in (0.0, 1 / 6, 0.3333, 1 / 3 + 1e-9,
+                                                           0.5, 0.9999, 1.0, 1.2)] == \
+        pytest.approx([1.0, 0.5, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0], abs=1e-3)
 
 
 # ---------------------------------------------------------------- end to end
