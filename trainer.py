@@ -44,8 +44,8 @@ epochs = 30                    # passes over the training data (max_minutes may 
 batch_size = 64                # images (or pairs) per step, over all processes
 lr_scheduler_on = True         # False: a constant lr after the warm-up
 cos = True                     # cosine schedule to zero; False: step schedule (gamma, step_size)
-lr_cycles = 1                  # cosine only: >1 restarts it, that many cycles over the run; a
-                               # snapshot at each cycle's end makes a snapshot ensemble (ensemble.py)
+lr_cycles = 1                  # cosine only: >1 restarts it, that many cycles over the run; with
+                               # snapshot_minutes at the cycles' ends, a snapshot ensemble (ensemble.py)
 gamma = 0.1                    # step schedule: lr factor every step_size epochs
 step_size = 10                 # step schedule: epochs between lr drops
 warmup_epochs = 1              # linear warm-up
