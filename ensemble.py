@@ -98,16 +98,6 @@ def build(members):
     return net.eval(), model_config
 
 
-def validation_config(ckpt, args, device):
-    """The first member's training settings, as training.validate reads them, on the data
-    and protocol folders given; the members embed in their own precision, so none is set."""
-    cfg = {**defaults_of(vars(trainer2)), **ckpt.get("config", {}), "mixed_precision": False,
-           "cache_images": False, "device": device.type}
-    cfg["data_dir"] = args.data or cfg["data_dir"]
-    cfg["protocol_dir"] = args.protocol_dir or cfg["protocol_dir"]
-    return cfg
-
-
 def combine(args):
     device = pick_device(args.device)
     set_threads()
@@ -115,7 +105,8 @@ def combine(args):
     check_members(members)
     net, model_config = build(members)
     first = members[0][2]
-    cfg = validation_config(first, args, device)
+    cfg = training.validation_config(first, defaults_of(vars(trainer2)), device, args.data,
+                                     args.protocol_dir)
     data = training.build_data(cfg)
     if sorted(data.val_people) != sorted(first["val_people"]):
         raise m.CheckpointError(f"{cfg['data_dir']}: its split gives other validation people "

@@ -209,14 +209,39 @@ class EnsembleBackbone(nn.Module):
         return []
 
 
+class MetricBackbone(nn.Module):
+    """A trained backbone with a learned metric after it (fit_metric.py, metric_learning.py):
+    its embedding, in its own precision and L2-normalised, centred and mapped by a fitted
+    linear projection, so that the cosine of two mapped embeddings is the learned score."""
+
+    def __init__(self, base, precision, dim):
+        super().__init__()
+        self.base, self.precision, self.out_dim = base, bool(precision), int(dim)
+        self.register_buffer("mean", torch.zeros(base.out_dim))
+        self.register_buffer("proj", torch.zeros(base.out_dim, self.out_dim))
+
+    def forward(self, x):
+        from runtime import autocast
+        with autocast(self.precision, x.device):
+            e = F.normalize(self.base(x).float(), dim=1)
+        return (e - self.mean) @ self.proj
+
+    def pretrained_parameters(self):
+        return []
+
+
 def build_model(cfg, pretrained=False):
     """A SiameseNet from a ModelConfig (or a dict with its keys): the backbone from its
     registry entry, the pair head the loss declares. pretrained: start the backbone from
     its outside weights (training only; a checkpoint brings its own weights). An ensemble's
-    model_config (ensemble.py) lists its members' configs under "members"."""
+    model_config (ensemble.py) lists its members' configs under "members", a learned metric's
+    (fit_metric.py) its base net's under "base"."""
     if isinstance(cfg, dict) and cfg.get("model") == "ensemble":
         members = [build_model(c).backbone for c in cfg["members"]]
         return SiameseNet(EnsembleBackbone(members, cfg["member_precision"]), None, "cosine")
+    if isinstance(cfg, dict) and cfg.get("model") == "metric":
+        base = build_model(cfg["base"]).backbone
+        return SiameseNet(MetricBackbone(base, cfg["base_precision"], cfg["dim"]), None, "cosine")
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
     backbone = backbones.BACKBONES[cfg.model].build(cfg, pretrained)
     head = losses.LOSSES[cfg.loss].pair_head(backbone.out_dim, cfg.distance)

@@ -367,6 +367,18 @@ def unpack(batch, loss):
 # ------------------------------------------------------------------ validation
 
 @torch.no_grad()
+def validation_config(ckpt, defaults, device, data_dir=None, protocol_dir=None):
+    """A checkpoint's training settings over the trainer's defaults, as validate reads them,
+    on the data and protocol folders given (None: the run's own), for a net built from
+    trained ones (ensemble.py, fit_metric.py): its parts embed in their own precision, so
+    none is set."""
+    cfg = {**defaults, **ckpt.get("config", {}), "mixed_precision": False,
+           "cache_images": False, "device": device.type}
+    cfg["data_dir"] = data_dir or cfg["data_dir"]
+    cfg["protocol_dir"] = protocol_dir or cfg["protocol_dir"]
+    return cfg
+
+
 def validate(net, cfg, data, device):
     """Metrics on validation pairs, scored as evaluate.py scores (model.score_pairs), the
     run's own loss on the validation people, and the operating points at each false-accept
