@@ -68,8 +68,9 @@ RUNS = {
     "resnext-no-layer4": ("resnext", ["--drop_layer4=True"], 1),
     "resnext-dropout": ("resnext", ["--p=0.8"], 1),
     # The same four claims on the ImageNet backbone that can be installed here: the pretrained
-    # track (trainer_pretrained.py) with the old project's head (1,024 sigmoid units).
-    "effnet": ("pretrained", ["--mlp_depth=1"], 1),
+    # track (trainer_pretrained.py) with the old project's head (1,024 sigmoid units) and its
+    # whole net (row 14e cuts the last stage, which the recipe now cuts by default).
+    "effnet": ("pretrained", ["--mlp_depth=1", "--drop_last_stage=False"], 1),
     "effnet-head256": ("effnet", ["--head_hidden=256"], 1),
     "effnet-relu": ("effnet", ["--activation=relu"], 1),
     "effnet-no-last-stage": ("effnet", ["--drop_last_stage=True"], 1),

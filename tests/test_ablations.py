@@ -37,9 +37,9 @@ OLD_RUNS = {
 }
 # The pretrained track's runs: trainer_pretrained.py's settings, written out.
 PRETRAINED = {**BEST_RUN, "model": "efficientnet_lite0", "pretrained": True, "lr": 0.05,
-              "freeze_stages": 2, "channels_last": True,
+              "freeze_stages": 2, "drop_last_stage": True, "channels_last": True,
               "mixed_precision": False, "torch_compile": False}
-EFFNET = {**PRETRAINED, "mlp_depth": 1}
+EFFNET = {**PRETRAINED, "mlp_depth": 1, "drop_last_stage": False}
 LONG_RUN = {"max_minutes": 30.0}
 SCRATCH = {**PRETRAINED, **LONG_RUN, "pretrained": False, "freeze_stages": 0}
 EPOCHS = {**PRETRAINED, "max_minutes": 0.0, "epochs": ablations.SCRATCH_EPOCHS}
