@@ -136,44 +136,75 @@ def test_the_training_pairs_are_the_runs_own_people_in_lfw_format(tmp_path):
     assert all((p[0], p[1]) != (p[2], p[3]) for p in pairs)  # never an image with itself
 
 
-def test_ablation_smoke_writes_every_output_and_resumes(tmp_path, monkeypatch):
+def test_ablations_write_every_output_resume_and_reuse_the_runs_of_a_sitting_gone(
+        tmp_path, monkeypatch):
+    """Rows 12 (ResNeXt-50, not run without its ImageNet weights) and 13e (pretrained
+    EfficientNet-Lite0, ReLU head against sigmoid) in seconds-long runs: every output written,
+    a second invocation training nothing. Then row 12e in a later sitting whose cache and logs
+    are gone: the earlier rows, runs and sitting stay in the table, and the shared `effnet` run
+    is reused from its kept DevTest scores instead of trained again. (One test: each run is
+    three subprocesses, so every run saved here is seconds of the suite.)"""
     small_lfw(tmp_path / "lfw")
     monkeypatch.setattr(ablations, "imagenet_weights_file", lambda: tmp_path / "absent.pth")
     docs = tmp_path / "docs"
     docs.mkdir()
     shutil.copy(ROOT / "RECIPE.md", docs / "RECIPE.md")
     out = tmp_path / "results"
-    args = ["--rows", "7,10,12", "--minutes", "0.02", "--out", out, "--data-root", tmp_path / "lfw",
-            "--crops", tmp_path / "lfw" / "images", "--logs", tmp_path / "logs", "--docs", docs,
-            "--train-args", "--val_pairs=20 --val_fraction=0.25 --threads=1 --batch_size=16 "
-                            "--pairs_per_epoch=64 --torch_compile=False --embedding_dim=32"]
-    assert ablations.main([str(a) for a in args]) == 0
-    result = json.loads((out / "ablations.json").read_text())
-    # Steps are kept by these names (an older state.json's), whatever their command lines say.
+    common = ["--minutes", "0.02", "--out", out, "--data-root", tmp_path / "lfw", "--crops",
+              tmp_path / "lfw" / "images", "--logs", tmp_path / "logs",
+              "--train-args", "--val_pairs=20 --val_fraction=0.25 --threads=1 --batch_size=16 "
+              "--pairs_per_epoch=64 --torch_compile=False --embedding_dim=32 --image_size=64 "
+              "--head_hidden=64"]
+    first_args = [str(a) for a in ["--rows", "12,13e", "--docs", docs, *common]]
+    assert ablations.main(first_args) == 0
+    first = json.loads((out / "ablations.json").read_text())
+    # Steps are kept by these names, whatever their command lines say.
     assert set(json.loads((out / "cache" / "state.json").read_text())) == {
-        f"{run}-{step}" for run in ("seed", "seed-photos", "best", "best-l1")
-        for step in ("train", "eval", "eval-train")}
-    assert [r["id"] for r in result["rows"]] == ["7", "10", "12"]
-    assert set(result["runs"]) == {"seed", "seed-photos", "best", "best-l1"}
-    for row in result["rows"][:2]:
-        assert row["verdict"] in ("holds", "does not hold", "inconclusive")
-        assert row["low"] <= row["difference"] <= row["high"]
-    assert result["rows"][2]["verdict"] == "not run: needs ImageNet weights"
-    for r in result["runs"].values():
+        f"{run}-{step}" for run in ("effnet", "effnet-relu") for step in ("train", "eval", "eval-train")}
+    assert [r["id"] for r in first["rows"]] == ["12", "13e"]
+    assert first["rows"][0]["verdict"] == "not run: needs ImageNet weights"
+    row = first["rows"][1]
+    assert row["verdict"] in ("holds", "does not hold", "inconclusive")
+    assert row["low"] <= row["difference"] <= row["high"]
+    assert set(first["runs"]) == {"effnet", "effnet-relu"}
+    for r in first["runs"].values():
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["train_accuracy"] <= 1
         assert r["contaminated"] is False  # DevTest people are never trained on
-    assert result["runs"]["best-l1"]["overrides"] == ["--distance=l1"]
+    assert first["runs"]["effnet-relu"]["overrides"] == [
+        "--mlp_depth=1", "--drop_last_stage=False", "--activation=relu"]
+    cfg = json.loads((tmp_path / "logs" / "ablation-effnet-relu" / "config.json").read_text())
+    assert (cfg["config"]["model"], cfg["config"]["activation"], cfg["config"]["mlp_depth"],
+            cfg["config"]["pretrained"], cfg["config"]["drop_last_stage"]) == (
+        "efficientnet_lite0", "relu", 1, True, False)
     assert (out / "ablations.png").stat().st_size > 1000
     table = (out / "ablations.md").read_text()
     assert table in (docs / "RECIPE.md").read_text()
     assert "| 12 | ResNeXt-50" in table and "not run" in table
-    # A second run trains nothing again, and --tables-only rewrites the table from the JSON.
+    # A second invocation trains nothing again, and --tables-only rewrites the table.
     state = (out / "cache" / "state.json").read_text()
-    assert ablations.main([str(a) for a in args]) == 0
+    assert ablations.main(first_args) == 0
     assert (out / "cache" / "state.json").read_text() == state
     (out / "ablations.md").unlink()
     assert ablations.main(["--tables-only", "--out", str(out), "--docs", ""]) == 0
     assert (out / "ablations.md").read_text() == table
+
+    shutil.rmtree(out / "cache")
+    shutil.rmtree(tmp_path / "logs")
+    assert ablations.main([str(a) for a in ["--rows", "12e", "--docs", "", *common]]) == 0
+    result = json.loads((out / "ablations.json").read_text())
+    assert [r["id"] for r in result["rows"]] == ["12", "12e", "13e"]
+    assert result["rows"][2] == first["rows"][1]
+    assert set(result["runs"]) == {"effnet", "effnet-head256", "effnet-relu"}
+    assert result["runs"]["effnet"] == first["runs"]["effnet"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["ablation-effnet-head256"]
+    for run in result["runs"].values():
+        assert 0 <= run["accuracy"] <= 1 and run["epochs"] >= 1 and run["trained_minutes"] > 0
+    assert [s["rows"] for s in result["sittings"]] == [["12", "13e"], ["12e"]]
+    table = (out / "ablations.md").read_text()
+    assert table.count("by `python ablations.py") == 2
+    assert "| 12e | ResNeXt-50's row 12, on EfficientNet" in table
+    for row in result["rows"][1:]:
+        assert row["low"] <= row["difference"] <= row["high"]
 
 
 def test_unknown_rows_and_missing_data_are_clear_errors(tmp_path):
@@ -181,40 +212,3 @@ def test_unknown_rows_and_missing_data_are_clear_errors(tmp_path):
         ablations.main(["--rows", "1,99", "--data-root", str(tmp_path)])
     with pytest.raises(SystemExit, match="make it with `make data`"):
         ablations.main(["--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
-
-
-def test_the_analogue_rows_run_on_the_synthetic_lfw_and_add_to_an_earlier_table(tmp_path):
-    """Row 13e (pretrained EfficientNet-Lite0, ReLU head against sigmoid), then row 12e in a
-    later sitting whose cache and logs are gone: the earlier row, its runs and its sitting
-    stay in the table, and the shared `effnet` run is reused from its kept DevTest scores
-    instead of trained again."""
-    small_lfw(tmp_path / "lfw")
-    out = tmp_path / "results"
-    common = ["--minutes", "0.02", "--out", out, "--data-root", tmp_path / "lfw", "--crops",
-              tmp_path / "lfw" / "images", "--logs", tmp_path / "logs", "--docs", "",
-              "--train-args", "--val_pairs=20 --val_fraction=0.25 --threads=1 --batch_size=16 "
-              "--pairs_per_epoch=64 --torch_compile=False --embedding_dim=32 --image_size=64 "
-              "--head_hidden=64"]
-    assert ablations.main([str(a) for a in ["--rows", "13e", *common]]) == 0
-    first = json.loads((out / "ablations.json").read_text())
-    cfg = json.loads((tmp_path / "logs" / "ablation-effnet-relu" / "config.json").read_text())
-    assert (cfg["config"]["model"], cfg["config"]["activation"], cfg["config"]["mlp_depth"],
-            cfg["config"]["pretrained"]) == ("efficientnet_lite0", "relu", 1, True)
-
-    shutil.rmtree(out / "cache")
-    shutil.rmtree(tmp_path / "logs")
-    assert ablations.main([str(a) for a in ["--rows", "12e", *common]]) == 0
-    result = json.loads((out / "ablations.json").read_text())
-    assert [r["id"] for r in result["rows"]] == ["12e", "13e"]
-    assert result["rows"][1] == first["rows"][0]
-    assert set(result["runs"]) == {"effnet", "effnet-head256", "effnet-relu"}
-    assert result["runs"]["effnet"] == first["runs"]["effnet"]
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["ablation-effnet-head256"]
-    for run in result["runs"].values():
-        assert 0 <= run["accuracy"] <= 1 and run["epochs"] >= 1 and run["trained_minutes"] > 0
-    assert [s["rows"] for s in result["sittings"]] == [["13e"], ["12e"]]
-    table = (out / "ablations.md").read_text()
-    assert table.count("by `python ablations.py") == 2
-    assert "| 12e | ResNeXt-50's row 12, on EfficientNet" in table
-    for row in result["rows"]:
-        assert row["low"] <= row["difference"] <= row["high"]
