@@ -12,8 +12,8 @@ model = "efficientnet_lite0"   # timm's, from the packaged ImageNet weights (pre
 lr = 0.05                      # every layer's, the ImageNet ones' too: pretrained_lr stays 1, since
                                # 0.1 and 0.3 trained worse (RECIPE.md's trials)
 freeze_stages = 2              # stem and first two stages frozen: no backward pass through them
-drop_last_stage = True         # the stages after the last stride and conv_head cut: 0.73M of 3.7M
-                               # parameters left, 1.6x the images/s, and about 3 points more
+drop_last_stage = True         # the stages after the last stride and conv_head cut: a 3.2 MB
+                               # checkpoint, 1.6x the images/s, and about 3 points more
                                # validation accuracy at 10 minutes, twice (RECIPE.md's trials)
 # Speed on a CPU (benchmark.py --profile, RECIPE.md): depthwise convolutions run fastest in
 # channels_last fp32 (81 images/s, against 52 in NCHW and 64 in bf16); torch.compile read 86,

@@ -366,7 +366,6 @@ def unpack(batch, loss):
 
 # ------------------------------------------------------------------ validation
 
-@torch.no_grad()
 def validation_config(ckpt, defaults, device, data_dir=None, protocol_dir=None):
     """A checkpoint's training settings over the trainer's defaults, as validate reads them,
     on the data and protocol folders given (None: the run's own), for a net built from
@@ -379,6 +378,7 @@ def validation_config(ckpt, defaults, device, data_dir=None, protocol_dir=None):
     return cfg
 
 
+@torch.no_grad()
 def validate(net, cfg, data, device):
     """Metrics on validation pairs, scored as evaluate.py scores (model.score_pairs), the
     run's own loss on the validation people, and the operating points at each false-accept
