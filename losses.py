@@ -133,6 +133,10 @@ class Loss(nn.Module):
         """The layer that scores pairs when learned_head; None: -distance scores them."""
         return None
 
+    def check_data(self, cfg, data):
+        """Raise ValueError (one line: the file and the fix) if this loss cannot train on the
+        run's data; most losses can."""
+
 
 @register
 class BCE(Loss):
@@ -223,3 +227,58 @@ class ArcFace(Loss):
         centres = torch.zeros(int(ids.max()) + 1, emb.shape[1]).index_add_(
             0, ids, F.normalize(emb.float()))
         return self.centre_loss(emb, ids, centres)
+
+
+def similarity_matching_loss(e, t):
+    """Relational distillation (Park et al. 2019): the mean squared difference between the
+    student's and the teacher's cosine of every two images of the batch."""
+    s, t = F.normalize(e.float(), dim=1), F.normalize(t.float(), dim=1)
+    off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+    return (s @ s.t() - t @ t.t())[off].pow(2).mean()
+
+
+@register
+class Distill(ArcFace):
+    """ArcFace, plus matching a trained teacher's cosine between every two images of the
+    batch (similarity_matching_loss): one network learns what an ensemble knows, in any
+    embedding size. The teacher sees the same augmented batch, frozen; it stays out of the
+    optimizer and the checkpoints, which hold a plain network. It must have been validated on
+    the run's own validation people (check_data), or the run's validation would score people
+    the teacher trained on."""
+    name = "distill"
+    settings = {**ArcFace.settings,
+                "teacher": ("", "the checkpoint to learn from (an ensemble's best_accuracy.pt)"),
+                "distill_weight": (10.0, "weight of the similarity-matching term")}
+
+    def __init__(self, out_dim, n_classes, distance, teacher, distill_weight, **arcface):
+        super().__init__(out_dim, n_classes, distance, **arcface)
+        if not teacher:
+            raise ValueError("loss=distill needs --teacher=PATH, the checkpoint to learn from "
+                             "(an ensemble.py output, say)")
+        from model import load_checkpoint  # model.py imports this file
+        net, ckpt = load_checkpoint(teacher)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        # In a tuple, not an attribute: a submodule would enter state_dict and the optimizer.
+        self.teacher, self.teacher_path = (net,), teacher
+        self.teacher_size, self.teacher_val = ckpt["model_config"]["image_size"], \
+            sorted(ckpt.get("val_people") or [])
+        self.weight_kd = distill_weight
+
+    def check_data(self, cfg, data):
+        if cfg["image_size"] != self.teacher_size:
+            raise ValueError(f"{self.teacher_path}: the teacher takes {self.teacher_size} px "
+                             f"faces, this run {cfg['image_size']} px; train at its size")
+        if self.teacher_val != sorted(data.split["val_people"]):
+            raise ValueError(f"{self.teacher_path}: the teacher was validated on other people "
+                             "than this run's; train with the --seed (and --split, --fold) "
+                             "its members trained with")
+
+    def forward(self, net, x1, x2, y):
+        teacher = self.teacher[0]
+        if next(teacher.parameters()).device != x1.device:
+            teacher.to(x1.device)
+        e = net(x1)
+        with torch.no_grad(), torch.autocast(x1.device.type, enabled=False):
+            t = teacher.backbone(x1.float())
+        return self.embedding_loss(e, y) + self.weight_kd * similarity_matching_loss(e, t)

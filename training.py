@@ -575,6 +575,7 @@ def open_run(cfg):
     run.data = build_data(cfg)
     run.net, run.model, run.ema, run.optimizer, run.scaler = \
         build_model_and_optimizer(cfg, len(run.data.labels), device)
+    run.model.loss.check_data(cfg, run.data)
     if last is not None:
         restore(run, last)
     run.ddp = torch.nn.parallel.DistributedDataParallel(run.model) if world > 1 else run.model

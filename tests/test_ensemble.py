@@ -8,6 +8,7 @@ import torch
 
 import ensemble
 import evaluate
+import losses
 import model as m
 import trainer2
 import training
@@ -82,3 +83,55 @@ def test_an_ensemble_checkpoint_rebuilds_from_its_config_alone(members, tmp_path
     assert ckpt["model_config"]["model"] == "ensemble"
     assert ckpt["model_config"]["member_precision"] == [True, False]
     assert net.backbone.out_dim == sum(c["embedding_dim"] for c in ckpt["model_config"]["members"])
+
+
+# ---------------------------------------------------------------- distilling an ensemble
+
+def test_similarity_matching_is_zero_for_the_teachers_geometry_and_grows_away_from_it():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 8, generator=g)
+    assert losses.similarity_matching_loss(3 * t, t).item() == pytest.approx(0, abs=1e-6)
+    # any embedding size: a rotation into 12 dimensions keeps every cosine
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    wide = torch.cat([t, torch.zeros(6, 4)], 1) @ q
+    assert losses.similarity_matching_loss(wide, t).item() == pytest.approx(0, abs=1e-6)
+    s = torch.randn(6, 8, generator=g)
+    sn, tn = torch.nn.functional.normalize(s), torch.nn.functional.normalize(t)
+    diff = (sn @ sn.T - tn @ tn.T)[~torch.eye(6, dtype=torch.bool)]
+    assert losses.similarity_matching_loss(s, t).item() == pytest.approx(diff.pow(2).mean().item())
+
+
+def test_a_student_distils_an_ensemble_into_one_plain_network(members, synthetic_lfw, tmp_path):
+    teacher = tmp_path / "ens"
+    assert ensemble.main([str(r) for r in members] + ["--out", str(teacher)]) == 0
+    runs = {w: train(synthetic_lfw, tmp_path / f"student-{w}", loss="distill", embedding_dim=16,
+                     teacher=teacher / "best_accuracy.pt", distill_weight=w) for w in (0.0, 50.0)}
+    net, ckpt = m.load_checkpoint(runs[50.0] / "best_accuracy.pt")
+    # one network of its own size: no teacher weights in the checkpoint or the resume state
+    assert ckpt["model_config"]["model"] != "ensemble" and net.backbone.out_dim == 16
+    plain = torch.load(members[0] / "best_accuracy.pt", weights_only=True)["model"]
+    assert set(ckpt["model"]) == set(plain)
+    last = torch.load(runs[50.0] / "last.pt", weights_only=True)
+    arcface = torch.load(members[0] / "last.pt", weights_only=True)
+    assert set(last["model"]) == set(arcface["model"])  # the net and ArcFace's centres only
+    # the teacher's term moves training
+    other = torch.load(runs[0.0] / "best_accuracy.pt", weights_only=True)["model"]
+    assert any(not torch.equal(other[k], ckpt["model"][k]) for k in other)
+
+
+def test_a_teacher_of_other_people_or_size_is_refused_in_one_line(members, synthetic_lfw,
+                                                                 tmp_path, capsys):
+    other = train(synthetic_lfw, tmp_path / "other-seed", seed=3)
+    capsys.readouterr()
+    for teacher, extra, why in ((other / "best_accuracy.pt", {}, "validated on other people"),
+                                (members[0] / "best_accuracy.pt", {"image_size": 24},
+                                 "takes 32 px faces"),
+                                (tmp_path / "none.pt", {}, "no such checkpoint")):
+        args = tiny_args(synthetic_lfw, tmp_path / "student", loss="distill", teacher=teacher,
+                         **extra)
+        assert training.main(vars(trainer2), args) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(errors) == 1 and str(teacher) in errors[0] and why in errors[0], errors
+    assert training.main(vars(trainer2), tiny_args(synthetic_lfw, tmp_path / "s2",
+                                                   loss="distill")) == 1
+    assert "needs --teacher=PATH" in capsys.readouterr().err
