@@ -61,7 +61,8 @@ def parse_args(argv):
     p.add_argument("--protocol", choices=["view1", "view2", "all"], default="all")
     p.add_argument("--minutes", type=float, default=30,
                    help="View 1 training budget per recipe; each View 2 fold trains for a "
-                        "share of it (seed 10%%, best 20%%: 3 and 6 minutes of 30)")
+                        "share of it (seed 10%%, best a third: 3 and 10 minutes of 30; "
+                        "pretrained: View 1 only)")
     p.add_argument("--recipes", default="seed,best,pretrained", help=f"any of {', '.join(RECIPES)}")
     p.add_argument("--out", default="results")
     add_step_arguments(p, "README.md and RECIPE.md")
@@ -71,6 +72,8 @@ def parse_args(argv):
                         "PROFILES, count its FLOPs against this machine's matmul peak, and time "
                         "embedding; writes OUT/profile.json, trains nothing")
     p.add_argument("--profile-steps", type=int, default=20, help="steps timed per path and round")
+    p.add_argument("--profile-rounds", type=int, default=3,
+                   help="alternated rounds of a recipe's paths, the median one reported")
     p.add_argument("--tables-only", action="store_true",
                    help="run nothing: rewrite OUT/benchmark.md and the docs' tables from "
                         "OUT/benchmark.json")
@@ -108,25 +111,70 @@ def all_pairs(args, ckpt, pairs, out, name, state, state_path, cache):
 
 # ------------------------------------------------------------------ protocols
 
+def bench_dir(args, recipe, fold=None):
+    """Where the benchmark trains RECIPE: for View 1, or for one View 2 fold."""
+    return Path(args.logs) / (f"bench-view1-{recipe}" if fold is None else
+                              f"bench-view2-{recipe}-fold{fold}")
+
+
+def train(args, recipe, fold, minutes, extra, name, state, state_path, cache, snapshots=()):
+    """Train RECIPE for MINUTES into its bench_dir's best_accuracy.pt: one run, or for a recipe
+    with members, that many runs of an equal share of MINUTES (--member_seed 0, 1, ...: one
+    people split) that ensemble.py combines. A recipe with a teacher learns from that recipe's
+    model of the same protocol and fold. Returns the run folder whose config.json and
+    metrics.csv describe the training, and {minutes: checkpoint} along the budget: the run's
+    snapshots, or the first j members' ensemble after j shares."""
+    run_dir, k = bench_dir(args, recipe, fold), RECIPES[recipe].get("members", 1)
+    if RECIPES[recipe].get("teacher"):
+        teacher = bench_dir(args, RECIPES[recipe]["teacher"], fold) / "best_accuracy.pt"
+        if not teacher.is_file():
+            raise SystemExit(f"error: {teacher}: recipe {recipe} learns from recipe "
+                             f"{RECIPES[recipe]['teacher']}'s model, which is not there; list "
+                             f"{RECIPES[recipe]['teacher']} before {recipe} in --recipes")
+        extra = [*extra, f"--teacher={teacher.resolve()}"]
+    if k == 1:
+        if name not in state:
+            claim_run_dir(run_dir, args.out)
+        run_step(name, train_cmd(args, recipe, run_dir, minutes, extra, snapshots), state,
+                 state_path, cache)
+        found = {minutes * s: run_dir / f"snapshot_{minutes * s:g}min.pt" for s in snapshots}
+        return run_dir, {**found, minutes: run_dir / "best_accuracy.pt"}
+    members = [run_dir.with_name(f"{run_dir.name}-m{i}") for i in range(k)]
+    curve = {}
+    for i, member in enumerate(members):
+        if f"{name}-m{i}" not in state:
+            claim_run_dir(member, args.out)
+        run_step(f"{name}-m{i}", train_cmd(args, recipe, member, minutes / k,
+                                           [*extra, f"--member_seed={i}"]), state, state_path,
+                 cache)
+        if i == 0:  # the first member alone, then the members so far: the budget's curve
+            curve[minutes / k] = member / "best_accuracy.pt"
+            continue
+        part = f"-{i + 1}of{k}"
+        combined, step = ((run_dir, name) if i == k - 1 else
+                          (run_dir.with_name(run_dir.name + part), name + part))
+        if step not in state:
+            claim_run_dir(combined, args.out)
+        run_step(step, ["ensemble.py", *members[:i + 1], "--out", combined, "--data", args.crops,
+                        "--protocol-dir", args.data_root], state, state_path, cache)
+        curve[minutes * (i + 1) / k] = combined / "best_accuracy.pt"
+    return members[0], curve
+
+
 def view1(args, recipe, state, state_path, cache, bar):
     """Train on DevTrain people for the budget, evaluate best_accuracy.pt and the snapshots on
     pairsDevTest.txt."""
-    run_dir = Path(args.logs) / f"bench-view1-{recipe}"
+    run_dir = bench_dir(args, recipe)
     name = f"view1-{recipe}-train"
-    if name not in state:
-        claim_run_dir(run_dir, args.out)
-    run_step(name, train_cmd(args, recipe, run_dir, args.minutes, ["--split=view1"],
-                             SNAPSHOT_SHARES), state,
-             state_path, cache)
+    trained, checkpoints = train(args, recipe, None, args.minutes, ["--split=view1"], name,
+                                 state, state_path, cache, SNAPSHOT_SHARES)
     bar.update()
     if not (run_dir / "best_accuracy.pt").exists():
         raise SystemExit(f"error: {run_dir}: training wrote no best_accuracy.pt; see "
                          f"{cache / (name + '.log')}")
     pairs = Path(args.data_root) / "pairsDevTest.txt"
     curve = []
-    for share in (*SNAPSHOT_SHARES, 1.0):
-        minutes = args.minutes * share
-        ckpt = run_dir / ("best_accuracy.pt" if share == 1.0 else f"snapshot_{minutes:g}min.pt")
+    for minutes, ckpt in sorted(checkpoints.items()):
         if not ckpt.exists():  # the run stopped early (patience) before this snapshot
             continue
         out = cache / f"view1-{recipe}-{minutes:g}min"
@@ -142,7 +190,7 @@ def view1(args, recipe, state, state_path, cache, bar):
                                                 Path(args.data_root) / "pairs.txt", out),
              state, state_path, cache)
     timing = read_json(out / "results.json")
-    run = read_json(run_dir / "config.json")
+    run = read_json(trained / "config.json")
     ident = identification(args, recipe, run_dir / "best_accuracy.pt",
                            cache / f"view1-{recipe}-identify", f"view1-{recipe}-identify",
                            state, state_path, cache)
@@ -159,7 +207,7 @@ def view1(args, recipe, state, state_path, cache, bar):
             "people_seen_in_training": final["people_seen_in_training"],
             "epoch": final["epoch"], "curve": curve,
             "scores_csv": str(cache / f"view1-{recipe}-{args.minutes:g}min" / "scores.csv"),
-            "train_images_per_s": train_speed(run_dir),
+            "train_images_per_s": train_speed(trained),
             "embed_images_per_s": final["images"] / final["time_s"]["embed"],
             "view2_eval_seconds": timing["time_s"]["total"]}
 
@@ -173,12 +221,9 @@ def view2(args, recipe, state, state_path, cache, bar):
     budget, choose the threshold on the other folds' pairs, test on the fold's 600 pairs."""
     folds = []
     for k in range(10):
-        run_dir = Path(args.logs) / f"bench-view2-{recipe}-fold{k}"
-        name = f"view2-{recipe}-fold{k}-train"
-        if name not in state:
-            claim_run_dir(run_dir, args.out)
-        run_step(name, train_cmd(args, recipe, run_dir, fold_minutes(args, recipe),
-                                 ["--split=view2", f"--fold={k}"]), state, state_path, cache)
+        run_dir = bench_dir(args, recipe, k)
+        train(args, recipe, k, fold_minutes(args, recipe), ["--split=view2", f"--fold={k}"],
+              f"view2-{recipe}-fold{k}-train", state, state_path, cache)
         out = cache / f"view2-{recipe}-fold{k}"
         run_step(f"view2-{recipe}-fold{k}-eval",
                  eval_cmd(args, recipe, run_dir / "best_accuracy.pt",
@@ -237,11 +282,12 @@ def view1_table(b):
              + " | ".join(f"acc. @ {m:g} min" for m in b["curve_minutes"]) + " |",
              "| --- " * (6 + len(b["curve_minutes"])) + "|"]
     for name, r in b["view1"].items():
-        at = {c["minutes"]: c["accuracy"] for c in r["curve"]}
+        at = {round(c["minutes"], 6): c["accuracy"] for c in r["curve"]}
         lines.append(
             f"| {name} | {r['accuracy']:.2%} ± {r['stderr']:.2%} | {r['auc']:.4f} | "
             f"{r['eer']:.2%} | {r['tar@far=1e-2']:.2%} | {r['tar@far=1e-3']:.2%} | "
-            + " | ".join(f"{at[m]:.2%}" if m in at else "n/a" for m in b["curve_minutes"])
+            + " | ".join(f"{at[round(m, 6)]:.2%}" if round(m, 6) in at else "n/a"
+                         for m in b["curve_minutes"])
             + " |")
     return lines + [""]
 
@@ -414,7 +460,8 @@ def profile_step(args, recipes, state, state_path, cache):
     out = cache / "profile"
     run_step("profile", ["benchmark.py", "--profile", "--out", out, "--data-root", args.data_root,
                          "--crops", args.crops, f"--train-args={args.train_args}",
-                         "--recipes", ",".join(recipes), "--profile-steps", args.profile_steps],
+                         "--recipes", ",".join(recipes), "--profile-steps", args.profile_steps,
+                         "--profile-rounds", args.profile_rounds],
              state, state_path, cache)
     return read_json(out / "profile.json")
 
@@ -422,10 +469,13 @@ def profile_step(args, recipes, state, state_path, cache):
 def run_protocols(args, recipes, protocols, state, state_path, cache):
     results = {"view1": {}, "view2": {}}
     for protocol in protocols:
-        steps = 2 * len(recipes) if protocol == "view1" else 10 * len(recipes)
+        # A recipe without a fold_share is not run on View 2.
+        these = recipes if protocol == "view1" else [
+            r for r in recipes if RECIPES[r]["fold_share"] is not None]
+        steps = 2 * len(these) if protocol == "view1" else 10 * len(these)
         run = view1 if protocol == "view1" else view2
         with tqdm(total=steps, desc=protocol, unit="step") as bar:
-            for recipe in recipes:
+            for recipe in these:
                 results[protocol][recipe] = run(args, recipe, state, state_path, cache, bar)
     return results
 
@@ -541,7 +591,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     if args.profile:
-        result = profile_recipes(args, check_recipes(args))
+        result = profile_recipes(args, check_recipes(args), args.profile_rounds)
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "profile.json", json.dumps(result, indent=2))
         print(profile_table(result))

@@ -7,13 +7,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import benchmark
 import download_data
 import experiments
 import trainer2
 import training
-from conftest import write_people
+from conftest import tiny_args, write_people
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def first_training_command(tmp_path, monkeypatch, protocol, recipe):
     ("view1", "seed", {**SEED, "max_minutes": 30.0, "snapshot_minutes": "5,10,20"}),
     ("view1", "best", {**BEST, "max_minutes": 30.0, "snapshot_minutes": "5,10,20"}),
     ("view2", "seed", {**SEED, "split": "view2", "max_minutes": 3.0, "snapshot_minutes": ""}),
-    ("view2", "best", {**BEST, "split": "view2", "max_minutes": 6.0, "snapshot_minutes": ""}),
+    ("view2", "best", {**BEST, "split": "view2", "max_minutes": 10.0, "snapshot_minutes": ""}),
 ])
 def test_every_benchmark_run_trains_with_the_settings_of_the_old_copies(
         tmp_path, monkeypatch, protocol, recipe, expected):
@@ -132,7 +133,8 @@ def test_benchmark_smoke_writes_every_output(tmp_path, monkeypatch):
     out = tmp_path / "results"
     args = ["--lfw", lfw, "--protocol", "view1", "--minutes", "0.05", "--out", out,
             "--data-root", data, "--crops", tmp_path / "crops", "--logs", tmp_path / "logs",
-            "--docs", docs, "--profile-steps", "3", "--recipes", "seed,best",
+            "--docs", docs, "--profile-steps", "3", "--profile-rounds", "1",
+            "--recipes", "seed,best",
             "--train-args", "--val_pairs=20 --val_fraction=0.2 --threads=1 --batch_size=16 --pairs_per_epoch=64 "
                           "--torch_compile=False"]
     assert benchmark.main([str(a) for a in args]) == 0
@@ -162,6 +164,7 @@ def test_benchmark_smoke_writes_every_output(tmp_path, monkeypatch):
     profile = result["profile"]
     assert set(profile["recipes"]) == {"seed", "best"}
     assert set(profile["recipes"]["best"]["paths"]) == set(benchmark.PROFILES["best"])
+    assert profile["recipes"]["best"]["rounds"] == 1  # --profile-rounds reached the profile step
     assert table.count("of this machine's") == 2 and "GFLOP/s (" in table
     # A second run reuses every finished step: nothing is trained or cropped again. Steps are
     # kept by these names (an older state.json's), whatever their command lines say.
@@ -172,6 +175,56 @@ def test_benchmark_smoke_writes_every_output(tmp_path, monkeypatch):
             "view1-best-identify", "view1-seed-all-pairs", "view1-best-all-pairs"} <= set(state)
     assert benchmark.main([str(a) for a in args]) == 0
     assert json.loads((out / "cache" / "state.json").read_text()) == state
+
+
+def test_an_ensemble_recipe_trains_its_members_on_shares_of_the_budget(synthetic_lfw, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setitem(benchmark.RECIPES, "trio", {**benchmark.RECIPES["best"], "members": 3})
+    train_args = " ".join(a for a in tiny_args(synthetic_lfw, tmp_path / "unused")
+                          if not a.startswith(("--data_dir", "--protocol_dir", "--run_name",
+                                               "--epochs", "--max_minutes")))
+    logs, cache = tmp_path / "logs", tmp_path / "cache"
+    cache.mkdir()
+    args = benchmark.parse_args(["--crops", str(synthetic_lfw / "images"), "--data-root",
+                                 str(synthetic_lfw), "--logs", str(logs), "--out",
+                                 str(tmp_path / "out"), "--train-args", train_args])
+    state, state_path = {}, cache / "state.json"
+    trained, curve = benchmark.train(args, "trio", None, 0.06,
+                                     ["--split=view1"], "view1-trio-train", state, state_path,
+                                     cache)
+    assert trained == logs / "bench-view1-trio-m0"
+    assert set(state) == {"view1-trio-train-m0", "view1-trio-train-m1", "view1-trio-train-m2",
+                          "view1-trio-train-2of3", "view1-trio-train"}
+    # The curve: the first member alone after a third of the budget, then the first two
+    # members' ensemble, then all three.
+    assert sorted(curve) == pytest.approx([0.02, 0.04, 0.06])
+    assert [curve[m] for m in sorted(curve)] == [
+        logs / "bench-view1-trio-m0" / "best_accuracy.pt",
+        logs / "bench-view1-trio-2of3" / "best_accuracy.pt",
+        logs / "bench-view1-trio" / "best_accuracy.pt"]
+    configs = [json.loads((logs / f"bench-view1-trio-m{i}" / "config.json").read_text())
+               ["config"] for i in range(3)]
+    assert [c["member_seed"] for c in configs] == [0, 1, 2]
+    assert [c["max_minutes"] for c in configs] == pytest.approx([0.02] * 3)
+    two = logs / "bench-view1-trio-2of3" / "best_accuracy.pt"
+    for ckpt, n in ((curve[max(curve)], 3), (two, 2)):
+        saved = torch.load(ckpt, weights_only=False)
+        assert saved["model_config"]["model"] == "ensemble" and len(saved["members"]) == n
+    # A second call finds every step done and runs none of them again.
+    before = {m: ckpt.stat().st_mtime_ns for m, ckpt in curve.items()}
+    assert benchmark.train(args, "trio", None, 0.06, ["--split=view1"],
+                           "view1-trio-train", state, state_path, cache)[1] == curve
+    assert {m: ckpt.stat().st_mtime_ns for m, ckpt in curve.items()} == before
+    # A recipe with a teacher learns from that recipe's model of the same protocol and fold.
+    monkeypatch.setitem(benchmark.RECIPES, "pupil", {**benchmark.RECIPES["best"], "teacher": "trio",
+                                                     "train": ["--loss=distill"]})
+    with pytest.raises(SystemExit, match="list trio before pupil in --recipes"):
+        benchmark.train(args, "pupil", 3, 0.02, ["--split=view2", "--fold=3"], "view2-pupil-fold3",
+                        state, state_path, cache)
+    pupil, _ = benchmark.train(args, "pupil", None, 0.02, ["--split=view1"], "view1-pupil-train",
+                               state, state_path, cache)
+    cfg = json.loads((pupil / "config.json").read_text())["config"]
+    assert cfg["loss"] == "distill" and cfg["teacher"] == str(curve[max(curve)].resolve())
 
 
 def test_unknown_recipe_and_missing_archive_are_clear_errors(tmp_path):
