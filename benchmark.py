@@ -8,7 +8,8 @@ It reads LFW from --data-root (default dataset/, as `make data` / download_data.
 images/ and the protocol files); only with --lfw does it first extract the archive and the
 protocol files of that folder into --data-root. It only runs the project's own scripts
 (download_data.py, crop_dataset_to_faces.py, benchmark.py --profile, trainer.py for the
-`seed` recipe, trainer2.py for `best`, trainer_pretrained.py for `pretrained`, evaluate.py),
+`seed` recipe, trainer2.py for `best`, trainer_pretrained.py for `pretrained`, evaluate.py,
+ensemble.py for a recipe with members),
 each as a subprocess, and collects what they write (experiments.py, where each recipe is its
 trainer's defaults). Every finished step is remembered in OUT/cache/state.json, so a crashed benchmark picks up where it
 stopped; crops are resumable anyway. Writes

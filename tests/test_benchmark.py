@@ -124,6 +124,8 @@ def test_benchmark_smoke_writes_every_output(tmp_path, monkeypatch):
     # sums switched off, so that the benchmark's own download step finds complete data.
     monkeypatch.setattr(download_data, "SHA256", {})
     monkeypatch.setattr(download_data, "MD5", {})
+    # One snapshot a run instead of three: each is an evaluation step of its own (about 6 s).
+    monkeypatch.setattr(benchmark, "SNAPSHOT_SHARES", (1 / 3,))
     assert download_data.main(["--archive", str(lfw / "lfw-synthetic.tgz"), "--protocol-dir",
                                str(lfw), "--root", str(data)]) == 0
     docs = tmp_path / "docs"
