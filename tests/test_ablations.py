@@ -42,7 +42,7 @@ PRETRAINED = {**BEST_RUN, "model": "efficientnet_lite0", "pretrained": True, "lr
 EFFNET = {**PRETRAINED, "mlp_depth": 1, "drop_last_stage": False}
 LONG_RUN = {"max_minutes": 30.0}
 SCRATCH = {**PRETRAINED, **LONG_RUN, "pretrained": False, "freeze_stages": 0}
-EPOCHS = {**PRETRAINED, "max_minutes": 0.0, "epochs": ablations.SCRATCH_EPOCHS}
+EPOCHS = {**PRETRAINED, "max_minutes": 0.0, "epochs": ablations.SCRATCH_EPOCHS["scratch-30"]}
 NEW_RUNS = {
     "effnet": EFFNET, "effnet-head256": {**EFFNET, "head_hidden": 256},
     "effnet-relu": {**EFFNET, "activation": "relu"},
@@ -50,7 +50,8 @@ NEW_RUNS = {
     "pretrained-30": {**PRETRAINED, **LONG_RUN},
     "pretrained-30-seed1": {**PRETRAINED, **LONG_RUN, "seed": 1},
     "scratch-30": SCRATCH, "scratch-30-seed1": {**SCRATCH, "seed": 1},
-    "pretrained-epochs": EPOCHS, "pretrained-epochs-seed1": {**EPOCHS, "seed": 1},
+    "pretrained-epochs": EPOCHS, "pretrained-epochs-seed1": {
+        **EPOCHS, "seed": 1, "epochs": ablations.SCRATCH_EPOCHS["scratch-30-seed1"]},
     "best-30": {**BEST_RUN, **LONG_RUN}, "best-30-seed1": {**BEST_RUN, **LONG_RUN, "seed": 1},
 }
 
@@ -88,7 +89,7 @@ def test_every_row_names_known_runs_and_an_expectation():
     assert ablations.change({"base": "seed", "variant": "seed-long"}) == "3x the budget"
     # an epoch-counted run's budget multiple means nothing; its overrides say what it changes
     assert ablations.change({"base": "scratch-30", "variant": "pretrained-epochs"}) == (
-        f"`--max_minutes=0`, `--epochs={ablations.SCRATCH_EPOCHS}`, without "
+        f"`--max_minutes=0`, `--epochs={ablations.SCRATCH_EPOCHS['scratch-30']}`, without "
         "`--pretrained=False`, without `--freeze_stages=0`")
     assert ablations.change({"base": "best-30", "variant": "pretrained-30"}) == "pretrained recipe"
     # the analogue rows say what they are analogues of, on what
